@@ -1,0 +1,60 @@
+"""Command-line plumbing shared by the entry points: ``--config`` file + overrides, validation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import app
+from ml_collections import config_flags
+
+_DEFAULT = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "experiment config file (configs/*.py[:variant])",
+                                          lock_config=True)
+
+
+def config_from_flags():
+    """The parsed config; ``lock_config`` makes an unknown override key an error naming the key."""
+    cfg = _CONFIG.value
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Value checks that ml_collections' type checks don't cover; errors name the key."""
+    def need(ok, key, msg):
+        if not ok:
+            raise ValueError(f"bad config value {key}: {msg}")
+
+    if "world" in cfg:
+        need(cfg.world.image_size % cfg.model.patch_size == 0, "world.image_size",
+             f"{cfg.world.image_size} not divisible by model.patch_size={cfg.model.patch_size}")
+        for a, p in cfg.world.p_wrong.items():
+            need(0 <= p <= 1, f"world.p_wrong.{a}", f"{p} not in [0, 1]")
+            need(p + cfg.world.p_drop <= 1, f"world.p_wrong.{a}", f"p_wrong + p_drop = {p + cfg.world.p_drop} > 1")
+    if "model" in cfg:
+        m = cfg.model
+        need(sum(m.rope_dims) == m.head_dim, "model.rope_dims", f"sum {sum(m.rope_dims)} != head_dim {m.head_dim}")
+        need(m.heads >= 1 and m.head_dim >= 2, "model.heads", "must be positive")
+    if "pretrain" in cfg:
+        need(cfg.pretrain.steps >= 1, "pretrain.steps", "must be >= 1")
+        need(cfg.pretrain.learning_rate > 0, "pretrain.learning_rate", "must be > 0")
+    if "rpo" in cfg:
+        need(cfg.rpo.iterations >= 1, "rpo.iterations", "must be >= 1")
+        from arr_jax.rpo.trainer import rpo_settings
+
+        rpo_settings(cfg.rpo).validate()
+    if "eval" in cfg:
+        need(cfg.eval.sampler in ("sde", "ode"), "eval.sampler", f"{cfg.eval.sampler!r} is not 'sde' or 'ode'")
+
+
+def run_main(main) -> None:
+    """absl entry with orbax/absl INFO chatter silenced (progress bars carry the news)."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    def wrapped(argv):
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        return main(argv)
+
+    app.run(wrapped)

@@ -1,0 +1,103 @@
+"""Multi-head attention: a plain softmax kernel and the QK-normed (MM-DiT) attention block.
+
+`Attention` mirrors diffusers' ``FluxAttention`` parameter names:
+  to_q/to_k/to_v, norm_q/norm_k           -- the (image or joint) stream
+  add_q_proj/add_k_proj/add_v_proj,
+  norm_added_q/norm_added_k, to_add_out   -- the text stream (double-stream blocks only)
+  to_out[0]                               -- output projection (absent when ``pre_only``)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arr_jax.nn.layers import Linear, RMSNorm
+from arr_jax.nn.rope import apply_rope
+from arr_jax.sharding import ShardingRules, shard
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla") -> jax.Array:
+    """Non-causal softmax attention, no mask.
+
+    q: (B, S, H, D), k/v: (B, T, H, D) -> (B, S, H, D) in q's dtype.
+    ``impl="xla"``: explicit einsum with float32 logits and softmax.
+    Anything else (``"cudnn"``, ``"auto"``) goes to ``jax.nn.dot_product_attention`` (flash kernels on GPU).
+    """
+    if impl != "xla":
+        return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "auto" else impl)
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    """QK-RMSNorm attention with RoPE, optionally joint over an added (text) stream.
+
+    dim = heads * head_dim. With ``added_kv_dim`` the text tokens get their own q/k/v/out
+    projections and the two streams attend jointly, text first.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, added_kv_dim: int | None = None,
+                 pre_only: bool = False, eps: float = 1e-6, param_dtype: Any = jnp.float32,
+                 dtype: Any = jnp.float32, impl: str = "xla", rngs: nnx.Rngs,
+                 rules: ShardingRules | None = None):
+        self.heads, self.head_dim, self.impl, self.rules = heads, head_dim, impl, rules
+        inner = heads * head_dim
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.to_q = Linear(dim, inner, axes=("embed", "heads"), **kw)
+        self.to_k = Linear(dim, inner, axes=("embed", "heads"), **kw)
+        self.to_v = Linear(dim, inner, axes=("embed", "heads"), **kw)
+        self.norm_q = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+        self.norm_k = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+        if pre_only:
+            self.to_out = nnx.data(None)
+        else:
+            self.to_out = nnx.List([Linear(inner, dim, axes=("heads", "embed"), **kw)])
+        if added_kv_dim is not None:
+            self.add_q_proj = Linear(added_kv_dim, inner, axes=("embed", "heads"), **kw)
+            self.add_k_proj = Linear(added_kv_dim, inner, axes=("embed", "heads"), **kw)
+            self.add_v_proj = Linear(added_kv_dim, inner, axes=("embed", "heads"), **kw)
+            self.norm_added_q = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+            self.norm_added_k = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+            self.to_add_out = Linear(inner, added_kv_dim, axes=("heads", "embed"), **kw)
+        self.joint = added_kv_dim is not None
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        b, s, _ = x.shape
+        x = x.reshape(b, s, self.heads, self.head_dim)
+        return shard(x, self.rules, "batch", "seq", "act_heads", None)
+
+    def _qkv(self, x, q_proj, k_proj, v_proj, q_norm, k_norm):
+        q = q_norm(self._heads(q_proj(x)))
+        k = k_norm(self._heads(k_proj(x)))
+        return q, k, self._heads(v_proj(x))
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], context: jax.Array | None = None):
+        """x: (B, N, dim); context: (B, L, added_kv_dim) or None; rope: (cos, sin) for the L+N
+        (or N) positions, each (L+N, head_dim // 2).
+
+        Returns (x_out (B, N, dim), context_out (B, L, added_kv_dim)) when joint, else the
+        attention output (B, N, inner) -- passed through ``to_out`` unless ``pre_only``.
+        """
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        if self.joint:
+            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                   self.norm_added_q, self.norm_added_k)
+            q = jnp.concatenate([cq, q], axis=1)
+            k = jnp.concatenate([ck, k], axis=1)
+            v = jnp.concatenate([cv, v], axis=1)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = dot_product_attention(q, k, v, impl=self.impl)
+        b, s = out.shape[:2]
+        out = out.reshape(b, s, self.heads * self.head_dim)
+        if not self.joint:
+            return out if self.to_out is None else self.to_out[0](out)
+        n_ctx = context.shape[1]
+        ctx_out, x_out = out[:, :n_ctx], out[:, n_ctx:]
+        return self.to_out[0](x_out), self.to_add_out(ctx_out)
