@@ -6,7 +6,20 @@ from pathlib import Path
 from absl import app
 from ml_collections import config_flags
 
-_DEFAULT = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Each entry point's embedded default config (``python -m arr_jax.<entry>`` with no --config).
+_DEFAULTS = {"induce": "induce_world.py", "evaluate": "evaluate_world.py"}
+
+
+def _default_config() -> str:
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    entry = (spec.name if spec is not None else "").rsplit(".", 1)[-1]
+    return str(_CONFIGS / _DEFAULTS.get(entry, "demo.py"))
+
+
+_DEFAULT = _default_config()
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "experiment config file (configs/*.py[:variant])",
                                           lock_config=True)
 
@@ -53,6 +66,12 @@ def run_main(main) -> None:
     from absl import logging as absl_logging
 
     def wrapped(argv):
+        import os
+
+        if os.environ.get("ARR_JAX_DISTRIBUTED") == "1":  # set by launch/*.sh on multi-host runs
+            import jax
+
+            jax.distributed.initialize()
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("absl").setLevel(logging.WARNING)
         return main(argv)

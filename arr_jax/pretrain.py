@@ -18,9 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from arr_jax.diffusion import pixels
 from arr_jax.world import spec
-from arr_jax.world.policy import WorldPolicy, save_base
+from arr_jax.world.policy import PixelSpace, WorldPolicy, save_base
 
 
 def load_world_arrays(cfg, split: str):
@@ -36,12 +35,16 @@ def load_world_arrays(cfg, split: str):
 
 
 def make_train_step(graphdef, tx, patch: int, size: int, max_tokens: int, time_shift: float):
-    img_ids = jnp.asarray(pixels.image_ids(size, size, patch))
-    txt_ids = jnp.zeros((max_tokens, 3))
+    """Jitted flow-matching step: ``x_s = (1-s) x0 + s n``, loss ``|v_pred - (n - x0)|^2``.
+
+    ``v_pred`` comes from `PixelSpace.apply` (an x0-predicting network turned into a velocity),
+    the same function the RPO rollout calls.
+    """
+    px = PixelSpace(size, patch, max_tokens)
 
     def loss_fn(params, images, tokens, key):
         policy = nnx.merge(graphdef, params)
-        x0 = pixels.patchify(pixels.from_uint8(images), patch)
+        x0 = px.encode_images(images)
         k1, k2 = jax.random.split(key)
         u = jax.random.uniform(k1, (x0.shape[0],))
         sigma = time_shift * u / (1.0 + (time_shift - 1.0) * u)
@@ -49,8 +52,8 @@ def make_train_step(graphdef, tx, patch: int, size: int, max_tokens: int, time_s
         s = sigma[:, None, None]
         x_t = (1.0 - s) * x0 + s * noise
         txt, pooled = policy.text(tokens)
-        v = policy.flux(x_t, txt, pooled, sigma, img_ids, txt_ids)
-        return jnp.mean((v.astype(jnp.float32) - (noise - x0)) ** 2)
+        v = px.apply(policy.flux, x_t, sigma, {"txt": txt, "pooled": pooled})
+        return jnp.mean((v - (noise - x0)) ** 2)
 
     def step(params, opt_state, images, tokens, key):
         loss, grads = jax.value_and_grad(loss_fn)(params, images, tokens, key)

@@ -28,12 +28,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- the policy ----------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
-    c.model.patch_size = 4
+    c.model.patch_size = 8          # 4×4 tokens of 8×8×3 pixels: an object spans 1–4 tokens
     c.model.num_layers = 2          # double-stream blocks
     c.model.num_single_layers = 2
     c.model.heads = 4
-    c.model.head_dim = 16
-    c.model.rope_dims = (4, 6, 6)
+    c.model.head_dim = 32
+    c.model.rope_dims = (8, 12, 12)
+    # FLUX's theta=1e4 spreads 3 frequencies per axis over ~1e4 positions; our grid is 4×4, so a
+    # small theta is what gives the image tokens usable relative positions.
+    c.model.rope_theta = 16.0
     c.model.text_dim = 64
     c.model.pooled_dim = 32
     c.model.text_width = 64
@@ -45,11 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.steps = 3000
     c.pretrain.batch_size = 64
-    c.pretrain.learning_rate = 1e-3
+    c.pretrain.learning_rate = 7e-4
     c.pretrain.warmup = 100
     c.pretrain.time_shift = 3.0
     c.pretrain.checkpoint_every = 500
-    c.pretrain.workdir = "runs/pretrain"
+    c.pretrain.workdir = "runs/pretrain_v4"
 
     # --- RPO -----------------------------------------------------------------------------
     c.rpo = ml_collections.ConfigDict()

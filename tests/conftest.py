@@ -32,7 +32,7 @@ def make_tiny_trainer(*, rules=None, lora=True, seed=0, **settings):
     from arr_jax.world.policy import PixelSpace, PromptEncoder, WorldPolicy
 
     m = ml_collections.ConfigDict(dict(patch_size=8, num_layers=1, num_single_layers=1, heads=2, head_dim=8,
-                                       rope_dims=(2, 2, 4), text_dim=16, pooled_dim=8, text_width=16,
+                                       rope_dims=(2, 2, 4), rope_theta=16.0, text_dim=16, pooled_dim=8, text_width=16,
                                        text_heads=2, text_layers=1, max_tokens=8))
     lcfg = LoRAConfig(rank=2, alpha=4.0, targets=LoRAConfig().targets) if lora else None
     policy = WorldPolicy(m, rngs=nnx.Rngs(seed), lora=lcfg)

@@ -30,7 +30,8 @@ def flux_config(m, lora: LoRAConfig | None = None) -> FluxConfig:
     return FluxConfig(in_channels=3 * p * p, num_layers=m.num_layers, num_single_layers=m.num_single_layers,
                       attention_head_dim=m.head_dim, num_attention_heads=m.heads,
                       joint_attention_dim=m.text_dim, pooled_projection_dim=m.pooled_dim,
-                      guidance_embeds=False, axes_dims_rope=tuple(m.rope_dims), lora=lora)
+                      guidance_embeds=False, axes_dims_rope=tuple(m.rope_dims), rope_theta=m.rope_theta,
+                      lora=lora)
 
 
 def text_config(m) -> WorldTextConfig:
@@ -44,6 +45,9 @@ class WorldPolicy(nnx.Module):
     def __init__(self, m, *, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         self.flux = FluxTransformer(flux_config(m, lora), rngs=rngs)
         self.text = WorldTextEncoder(text_config(m), rngs=rngs)
+
+
+SIGMA_MIN = 0.05  # clip of sigma in the x0 → velocity conversion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +66,18 @@ class PixelSpace:
         return jnp.asarray(pixels.image_ids(self.size, self.size, self.patch)), jnp.zeros((self.max_tokens, 3))
 
     def apply(self, flux: FluxTransformer, x, t, cond):
-        """x (B, N, C) packed pixels, t (B,) sigma → velocity (B, N, C)."""
+        """x (B, N, C) packed pixels at noise level t (B,) → velocity (B, N, C).
+
+        The network predicts the clean image (x0-prediction), turned into the velocity that the
+        SDE/ODE code expects: ``v = (x - x0) / sigma``. In pixel space a token (8·8·3 = 192
+        values) is wider than the residual stream (128), so a network asked for ``v = noise - x0``
+        would have to carry the noise through a bottleneck; clean images are low-dimensional and
+        pass easily (as in "Back to Basics: Let Denoising Generative Models Denoise", 2025).
+        """
         img_ids, txt_ids = self.ids()
-        return flux(x, cond["txt"], cond["pooled"], t, img_ids, txt_ids)
+        x0 = flux(x, cond["txt"], cond["pooled"], t, img_ids, txt_ids).astype(jnp.float32)
+        sigma = jnp.maximum(t.astype(jnp.float32), SIGMA_MIN)[:, None, None]
+        return (x.astype(jnp.float32) - x0) / sigma
 
     def decode(self, x0):
         """Packed pixel tokens → uint8 (B, H, W, 3)."""

@@ -1,0 +1,352 @@
+"""ARR rubric induction (SPEC §1): generate K rubrics per labelled pair -> verify without the
+label -> refine up to T_max rounds -> discard -> structure into Theme + Tips -> rubric file.
+
+Verification applies a pair's rubrics as the grading protocol to the same pair with the label
+withheld. ``verify_orders`` chooses the image orders shown: "both" (our default: the pair
+passes only if the judge recovers the label in the given AND the swapped order, so a judge's
+positional bias cannot pass it), "random" (one seeded order per round) or "given". A pair
+passes at round 0 (first pass), after r <= T_max refinements (refined), or is discarded.
+
+Every finished pair is appended to ``<workdir>/journal.jsonl`` at once; a rerun with the same
+configuration skips journaled pairs (no repeated backend calls) and a different configuration
+is refused. Backend calls are batched across the pairs of a chunk (``batch_pairs``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from arr_jax.arr.rubric_file import RubricFile, Theme
+from arr_jax.data.preference_tfds import PreferencePair
+from arr_jax.judge import parsing
+from arr_jax.judge.templates import TemplateSet
+from arr_jax.judge.text_judge import TextBackend, pair_request
+
+JOURNAL_FORMAT = "arr-induction/1"
+ORDERS = ("both", "random", "given")
+
+
+@dataclasses.dataclass
+class InductionSettings:
+    """k: rubrics per pair; t_max: refinement rounds before a pair is discarded; verify_orders:
+    see module docstring; batch_pairs: pairs per batched backend call (does not change results);
+    max_themes / tips_per_theme: the structured protocol's size; structure_retries: extra
+    structuring attempts on an unusable answer; seed: for "random" verification orders."""
+
+    k: int = 5
+    t_max: int = 5
+    verify_orders: str = "both"
+    batch_pairs: int = 16
+    max_themes: int = 5
+    tips_per_theme: int = 4
+    structure_retries: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.k < 1 or self.t_max < 0 or self.batch_pairs < 1 or self.max_themes < 1 or self.tips_per_theme < 1:
+            raise ValueError(f"bad induction settings {self}: k, batch_pairs, max_themes, tips_per_theme "
+                             "must be >= 1 and t_max >= 0")
+        if self.verify_orders not in ORDERS:
+            raise ValueError(f"verify_orders {self.verify_orders!r} not in {ORDERS}")
+
+
+@dataclasses.dataclass
+class GuideExemplar:
+    """A human-written few-shot exemplar, placed verbatim in the generation prompt."""
+
+    prompt: str
+    preferred: str
+    rejected: str
+    rationale: str
+
+
+def load_guide(path: str | os.PathLike) -> list[GuideExemplar]:
+    """Exemplars from a JSONL file of {"prompt", "preferred", "rejected", "rationale"}
+    (preferred / rejected describe the two images in words)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            d = json.loads(line)
+            try:
+                out.append(GuideExemplar(*(str(d[k]) for k in ("prompt", "preferred", "rejected", "rationale"))))
+            except KeyError as e:
+                raise ValueError(f"{path}:{n}: guide exemplar lacks {e}") from None
+    return out
+
+
+def format_guide(guide: Sequence[GuideExemplar]) -> str:
+    return "\n\n".join(f"Example {i}.\nPrompt: {g.prompt}\nPreferred: {g.preferred}\nRejected: {g.rejected}\n"
+                       f"Rationale: {g.rationale}" for i, g in enumerate(guide, 1))
+
+
+def numbered(rubrics: Sequence[str]) -> str:
+    return "\n".join(f"{i}. {r}" for i, r in enumerate(rubrics, 1))
+
+
+class Journal:
+    """Append-only JSONL of finished pairs, headed by the configuration hash."""
+
+    def __init__(self, path: str | os.PathLike, config_hash: str):
+        self.path, self.config_hash = Path(path), config_hash
+
+    def load(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        done: dict[str, dict] = {}
+        for i, line in enumerate(lines):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:
+                    break  # a line torn by a crash: that pair is simply redone
+                raise ValueError(f"{self.path}:{i + 1} is corrupt") from None
+            if i == 0:
+                if rec.get("journal") != JOURNAL_FORMAT or rec.get("config_hash") != self.config_hash:
+                    raise ValueError(
+                        f"{self.path} belongs to another run (config hash {rec.get('config_hash')} != "
+                        f"{self.config_hash}); use a new workdir or delete the journal to start over")
+                continue
+            done[rec["pair_id"]] = rec
+        return done
+
+    def append(self, rec: dict) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(json.dumps({"journal": JOURNAL_FORMAT, "config_hash": self.config_hash}) + "\n")
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def config_hash(settings: InductionSettings, backend_name: str, templates: TemplateSet, guide_text: str,
+                pair_ids: Sequence[str], extra: Any = None) -> str:
+    """What makes two runs interchangeable (batching and progress display excluded)."""
+    s = dataclasses.asdict(settings)
+    s.pop("batch_pairs")
+    blob = json.dumps({"settings": s, "backend": backend_name, "templates": templates.digest(),
+                       "guide": hashlib.sha256(guide_text.encode()).hexdigest(),
+                       "pairs": hashlib.sha256("\0".join(pair_ids).encode()).hexdigest(), "extra": extra},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class _PairState:
+    def __init__(self, pair: PreferencePair):
+        self.pair = pair
+        self.rubrics: list[str] = []
+        self.last_rubrics: list[str] = []
+        self.history: list[dict] = []
+        self.calls = Counter()
+        self.statuses = Counter()
+
+
+class Inducer:
+    """Runs the induction loop over pairs with one backend (see `induce`)."""
+
+    def __init__(self, backend: TextBackend, settings: InductionSettings, templates: TemplateSet,
+                 guide_text: str = ""):
+        settings.validate()
+        self.backend, self.s, self.t, self.guide = backend, settings, templates, guide_text
+
+    # -- requests ------------------------------------------------------------------------
+    def _label_fields(self, p: PreferencePair) -> dict:
+        return {"k": self.s.k, "preferred": p.label, "rejected": 3 - p.label, "guide": self.guide}
+
+    def _orders(self, p: PreferencePair, rnd: int) -> list[bool]:
+        """Verification orders as 'swapped?' flags."""
+        if self.s.verify_orders == "both":
+            return [False, True]
+        if self.s.verify_orders == "given":
+            return [False]
+        rng = np.random.default_rng([self.s.seed, zlib.crc32(p.id.encode()), rnd])
+        return [bool(rng.integers(2))]
+
+    def _verify_requests(self, st: _PairState, rnd: int):
+        p = st.pair
+        out = []
+        for sw in self._orders(p, rnd):
+            a, b = (p.image2, p.image1) if sw else (p.image1, p.image2)
+            out.append((sw, pair_request(self.t, "verify", p.prompt, a, b, p.source,
+                                         {"rubrics": numbered(st.rubrics)},
+                                         {"pair_id": p.id, "round": rnd, "swapped": sw})))
+        return out
+
+    # -- the loop ------------------------------------------------------------------------
+    def _generate(self, states: list[_PairState], rnd: int, answers: dict[str, str]) -> None:
+        reqs = []
+        for st in states:
+            p = st.pair
+            if rnd == 0:
+                reqs.append(pair_request(self.t, "generate", p.prompt, p.image1, p.image2, p.source,
+                                         self._label_fields(p), {"pair_id": p.id, "round": 0}))
+            else:
+                f = dict(self._label_fields(p), previous_rubrics=numbered(st.last_rubrics) or "(none could be read)",
+                         verifier_answer=answers[p.id], round=rnd)
+                reqs.append(pair_request(self.t, "refine", p.prompt, p.image1, p.image2, p.source, f,
+                                         {"pair_id": p.id, "round": rnd}))
+        texts = self.backend.generate(reqs)
+        task = "generate" if rnd == 0 else "refine"
+        for st, text in zip(states, texts):
+            a = parsing.parse_rubrics(text, self.s.k)
+            st.calls[task] += 1
+            st.statuses[f"{task}:{a.status}"] += 1
+            st.rubrics = a.rubrics
+            if a.rubrics:
+                st.last_rubrics = a.rubrics
+            st.history.append({"round": rnd, "task": task, "status": a.status, "rubrics": a.rubrics,
+                               "reason": a.reason})
+
+    def _verify(self, states: list[_PairState], rnd: int) -> tuple[list[bool], dict[str, str]]:
+        jobs = [(st, sw, req) for st in states if st.rubrics for sw, req in self._verify_requests(st, rnd)]
+        texts = self.backend.generate([req for _, _, req in jobs])
+        per: dict[str, list] = {st.pair.id: [] for st in states}
+        for (st, sw, _), text in zip(jobs, texts):
+            a = parsing.parse_pairwise(text)
+            st.calls["verify"] += 1
+            st.statuses[f"verify:{a.status}"] += 1
+            pick = (3 - a.winner if sw else a.winner) if a.usable and a.winner else 0  # dataset numbering
+            per[st.pair.id].append({"swapped": sw, "status": a.status, "pick": pick, "reason": a.reason,
+                                    "text": text if not a.usable else ""})
+        passed, answers = [], {}
+        for st in states:
+            v = per[st.pair.id]
+            ok = bool(v) and all(x["pick"] == st.pair.label for x in v)
+            passed.append(ok)
+            st.history[-1]["verify"] = [{k: x[k] for k in ("swapped", "status", "pick", "reason")} for x in v]
+            st.history[-1]["passed"] = ok
+            answers[st.pair.id] = self._describe(v)
+        return passed, answers
+
+    @staticmethod
+    def _describe(v: list[dict]) -> str:
+        if not v:
+            return "No rubrics could be read from the previous answer, so nothing was verified."
+        lines = []
+        for x in v:
+            head = "With the two images shown in swapped order, the judge" if x["swapped"] else "The judge"
+            if x["pick"] == 0:
+                lines.append(f"{head} gave no usable answer ({x['status']}): {x['text'][:300]!r}")
+            else:
+                shown = " the image shown here as" if x["swapped"] else ""
+                note = " (its reason numbers the images in the order it saw them)" if x["swapped"] else ""
+                lines.append(f"{head} chose{shown} Image {x['pick']}. Its reason{note}: {x['reason']}")
+        return "\n".join(lines)
+
+    def run_chunk(self, pairs: Sequence[PreferencePair], on_done) -> None:
+        """Induce rubrics for ``pairs``; ``on_done(record)`` is called as each pair finishes."""
+        states = [_PairState(p) for p in pairs]
+        active, answers = states, {}
+        for rnd in range(self.s.t_max + 1):
+            self._generate(active, rnd, answers)
+            passed, answers = self._verify(active, rnd)
+            still = []
+            for st, ok in zip(active, passed):
+                if ok or rnd == self.s.t_max:
+                    status = ("first_pass" if rnd == 0 else "refined") if ok else "discarded"
+                    on_done({"pair_id": st.pair.id, "status": status, "refinements": rnd,
+                             "rubrics": st.rubrics if ok else [], "prompt": st.pair.prompt,
+                             "category": st.pair.category, "edit": st.pair.source is not None,
+                             "calls": dict(st.calls), "statuses": dict(st.statuses), "history": st.history})
+                else:
+                    still.append(st)
+            active = still
+            if not active:
+                return
+
+    # -- structuring ---------------------------------------------------------------------
+    def structure(self, kept: list[dict]) -> tuple[list[Theme], str, Counter]:
+        """Theme + Tips from the verified rubric sets; falls back to the most frequent rubrics
+        under one theme when no usable answer comes back."""
+        sets = "\n\n".join(f"Pair {i} ({r['prompt']}):\n" + "\n".join(f"- {x}" for x in r["rubrics"])
+                           for i, r in enumerate(kept, 1))
+        edit = sum(r["edit"] for r in kept) * 2 > len(kept)
+        f = {"edit": edit, "max_themes": self.s.max_themes, "tips_per_theme": self.s.tips_per_theme,
+             "n_sets": len(kept), "rubric_sets": sets}
+        statuses = Counter()
+        for attempt in range(self.s.structure_retries + 1):
+            req = self.t.fill("structure", f, meta={"attempt": attempt}, sample=attempt)
+            a = parsing.parse_themes(self.backend.generate([req])[0], self.s.max_themes, self.s.tips_per_theme)
+            statuses[f"structure:{a.status}"] += 1
+            if a.themes:
+                return [Theme(n, tips) for n, tips in a.themes], a.status, statuses
+        freq = Counter(x for r in kept for x in r["rubrics"])
+        tips = [t for t, _ in freq.most_common(self.s.tips_per_theme * self.s.max_themes)]
+        return [Theme("Verified criteria", tips)], "fallback_most_frequent", statuses
+
+
+def induce(pairs: Sequence[PreferencePair], backend: TextBackend, workdir: str | os.PathLike,
+           settings: InductionSettings | None = None, templates: TemplateSet | None = None,
+           guide: Sequence[GuideExemplar] = (), config: Any = None, progress: bool = True,
+           rubric_name: str = "rubric") -> RubricFile:
+    """Run ARR over ``pairs`` and write ``<workdir>/<rubric_name>.{txt,json}``; resumes from
+    ``<workdir>/journal.jsonl``. ``config`` (JSON-able) is recorded and hashed with the run."""
+    s = settings or InductionSettings()
+    s.validate()
+    t = templates or TemplateSet()
+    work = Path(workdir)
+    guide_text = format_guide(guide)
+    ids = list(getattr(pairs, "ids", None) or [p.id for p in pairs])
+    if len(set(ids)) != len(ids):
+        raise ValueError("pair ids are not unique")
+    chash = config_hash(s, backend.name, t, guide_text, ids, config)
+    journal = Journal(work / "journal.jsonl", chash)
+    done = journal.load()
+    inducer = Inducer(backend, s, t, guide_text)
+    todo = [i for i, pid in enumerate(ids) if pid not in done]
+    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="ARR induction", unit="pair",
+               disable=not progress)
+
+    def finish(rec):
+        journal.append(rec)
+        done[rec["pair_id"]] = rec
+        bar.update(1)
+        bar.set_postfix(kept=sum(r["status"] != "discarded" for r in done.values()))
+
+    for c in range(0, len(todo), s.batch_pairs):
+        inducer.run_chunk([pairs[i] for i in todo[c:c + s.batch_pairs]], finish)
+    bar.close()
+
+    recs = [done[pid] for pid in ids]
+    kept = [r for r in recs if r["status"] != "discarded"]
+    if not kept:
+        raise RuntimeError(f"every one of the {len(recs)} pairs was discarded; nothing to structure "
+                           f"(see {journal.path})")
+    themes, structure_status, st_statuses = inducer.structure(kept)
+    n = len(recs)
+    by = Counter(r["status"] for r in recs)
+    statuses = Counter(st_statuses)
+    calls = Counter(structure=sum(st_statuses.values()))
+    for r in recs:
+        statuses.update(r["statuses"])
+        calls.update(r["calls"])
+    prov = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "method": "ARR (SPEC §1): generate -> verify without label -> refine <= T_max -> discard -> structure",
+        "model": getattr(backend, "model", backend.name), "backend": backend.name,
+        "pairs": {"total": n, "used": [r["pair_id"] for r in kept],
+                  "discarded_ids": [r["pair_id"] for r in recs if r["status"] == "discarded"],
+                  "first_pass": by["first_pass"], "refined": by["refined"], "discarded": by["discarded"],
+                  "first_pass_rate": by["first_pass"] / n, "discard_rate": by["discarded"] / n,
+                  "refinements_of_kept": dict(sorted(Counter(str(r["refinements"]) for r in kept).items()))},
+        "settings": dataclasses.asdict(s), "config": config, "config_hash": chash,
+        "prompts": {"digest": t.digest(), "override_dir": str(t.override_dir or ""), "templates": t.texts()},
+        "guide": {"n": len(guide), "text": guide_text},
+        "calls": dict(calls), "statuses": dict(sorted(statuses.items())),
+        "structure_status": structure_status, "journal": str(journal.path),
+    }
+    rf = RubricFile(themes, prov)
+    rf.save(work / f"{rubric_name}.txt")
+    return rf

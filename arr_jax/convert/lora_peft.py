@@ -1,0 +1,197 @@
+"""LoRA adapters of a `FluxTransformer` <-> diffusers / PEFT safetensors files.
+
+Our adapted Linear computes ``x W + (alpha/r) (x A) B`` with A (in, r), B (r, out). PEFT stores
+``lora_A.weight`` = A^T (r, in) and ``lora_B.weight`` = B^T (out, r) under the diffusers module
+name, prefixed ``transformer.`` (what ``FluxPipeline.load_lora_weights`` routes to the transformer)::
+
+    transformer.transformer_blocks.0.attn.to_q.lora_A.weight    (r, in)
+    transformer.transformer_blocks.0.attn.to_q.lora_B.weight    (out, r)
+
+The scale alpha/r is carried in one of three ways (``alpha_format``), each giving diffusers/PEFT
+the same output as our model:
+  * ``"bake"`` (default): B is multiplied by alpha/r and no alpha is written, so every reader
+    (PEFT's no-alpha convention: scale 1) computes the same product;
+  * ``"metadata"``: B unscaled, ``lora_adapter_metadata`` JSON (r, lora_alpha, target_modules) in
+    the safetensors header, as diffusers' ``save_lora_weights`` writes it;
+  * ``"keys"``: B unscaled, a scalar ``<module>.alpha`` tensor per module (kohya style).
+Import understands all three.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from arr_jax.nn.layers import Linear
+from arr_jax.nn.lora import LoRAConfig
+
+METADATA_KEY = "lora_adapter_metadata"
+_PREFIXES = ("transformer.", "base_model.model.")
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def adapted_linears(model: nnx.Module) -> dict[str, Linear]:
+    """``{diffusers module name: Linear}`` for every Linear that carries LoRA adapters."""
+    return {_dotted(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.lora_a is not None}
+
+
+def lora_state_dict(model: nnx.Module, *, prefix: str = "transformer", alpha_format: str = "bake",
+                    dtype: Any = np.float32) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, safetensors metadata) in the diffusers/PEFT layout; see the module doc for ``alpha_format``."""
+    if alpha_format not in ("bake", "metadata", "keys"):
+        raise ValueError(f"alpha_format must be 'bake', 'metadata' or 'keys', got {alpha_format!r}")
+    mods = adapted_linears(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapters to export")
+    pre = f"{prefix}." if prefix else ""
+    tensors: dict[str, np.ndarray] = {}
+    ranks, scales = set(), set()
+    for name, lin in sorted(mods.items()):
+        a = np.asarray(lin.lora_a.get_value(), np.float32)  # (in, r)
+        b = np.asarray(lin.lora_b.get_value(), np.float32)  # (r, out)
+        rank, scale = a.shape[1], float(lin.lora_scale)
+        ranks.add(rank)
+        scales.add(scale)
+        if alpha_format == "bake":
+            b = b * np.float32(scale)
+        tensors[f"{pre}{name}.lora_A.weight"] = np.ascontiguousarray(a.T).astype(dtype)
+        tensors[f"{pre}{name}.lora_B.weight"] = np.ascontiguousarray(b.T).astype(dtype)
+        if alpha_format == "keys":
+            tensors[f"{pre}{name}.alpha"] = np.asarray(scale * rank, np.float32)
+    metadata = {"format": "pt"}
+    if alpha_format == "metadata":
+        if len(ranks) != 1 or len(scales) != 1:
+            raise ValueError("alpha_format='metadata' needs one rank and one alpha for all modules; use 'bake'")
+        rank, scale = ranks.pop(), scales.pop()
+        meta = {f"{pre}r": rank, f"{pre}lora_alpha": scale * rank, f"{pre}target_modules": sorted(mods),
+                f"{pre}init_lora_weights": True}
+        metadata[METADATA_KEY] = json.dumps(meta, sort_keys=True)
+    return tensors, metadata
+
+
+def save_peft_lora(model: nnx.Module, path: str | Path, *, prefix: str = "transformer", alpha_format: str = "bake",
+                   dtype: Any = np.float32) -> Path:
+    """Write the adapters to ``path`` (a ``.safetensors`` file, or a directory that gets
+    ``pytorch_lora_weights.safetensors``, the name ``load_lora_weights(dir)`` looks for)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "pytorch_lora_weights.safetensors"
+    tensors, metadata = lora_state_dict(model, prefix=prefix, alpha_format=alpha_format, dtype=dtype)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Tensors (float32) and the adapter metadata of a LoRA file (or a dir holding one)."""
+    from arr_jax.convert.safetensors_io import SafetensorsCheckpoint
+
+    path = Path(path)
+    if path.is_dir():
+        cands = sorted(path.glob("*.safetensors"))
+        if len(cands) != 1:
+            raise FileNotFoundError(f"{path} holds {len(cands)} .safetensors files; pass the LoRA file itself")
+        path = cands[0]
+    ckpt = SafetensorsCheckpoint(path)
+    tensors = {k: np.asarray(v, np.float32) for k, v in ckpt.items()}
+    raw = ckpt.files[0].metadata.get(METADATA_KEY)
+    return tensors, (json.loads(raw) if raw else {})
+
+
+def _modules(tensors: dict[str, np.ndarray], metadata: dict) -> dict[str, dict]:
+    """Group keys by module: ``{name: {"A": (r, in), "B": (out, r), "scale": alpha/r}}``."""
+    meta = {}
+    for k, v in metadata.items():
+        for p in _PREFIXES:
+            k = k.removeprefix(p)
+        meta[k] = v
+    out: dict[str, dict] = {}
+    for key, arr in tensors.items():
+        name = key
+        for p in _PREFIXES:
+            name = name.removeprefix(p)
+        for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_A.default.weight", "A"),
+                             (".lora_B.default.weight", "B"), (".alpha", "alpha")):
+            if name.endswith(suffix):
+                out.setdefault(name[: -len(suffix)], {})[slot] = arr
+                break
+        else:
+            raise ValueError(f"LoRA file key {key!r} is not a PEFT lora_A / lora_B / alpha tensor")
+    for name, m in out.items():
+        if "A" not in m or "B" not in m:
+            raise ValueError(f"LoRA module {name!r} lacks its {'lora_A' if 'A' not in m else 'lora_B'} weight")
+        rank = m["A"].shape[0]
+        if m["B"].shape[1] != rank:
+            raise ValueError(f"LoRA module {name!r}: lora_A rank {rank} != lora_B rank {m['B'].shape[1]}")
+        if "alpha" in m:
+            alpha = float(m["alpha"])
+        else:
+            alpha = meta.get("alpha_pattern", {}).get(name, meta.get("lora_alpha"))
+            r = meta.get("rank_pattern", {}).get(name, meta.get("r", rank))
+            if alpha is not None and r != rank:
+                raise ValueError(f"LoRA module {name!r}: metadata rank {r} != stored rank {rank}")
+            alpha = rank if alpha is None else float(alpha)  # PEFT's no-alpha convention: scale 1
+        m["scale"] = alpha / rank
+    return out
+
+
+def lora_config_from_file(path: str | Path) -> LoRAConfig:
+    """A `LoRAConfig` (rank, alpha, exact module targets) that fits the adapters stored in ``path``."""
+    mods = _modules(*_read(path))
+    ranks = {m["A"].shape[0] for m in mods.values()}
+    scales = {m["scale"] for m in mods.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"{path}: mixed ranks {sorted(ranks)} / scales {sorted(scales)} are not supported")
+    rank = ranks.pop()
+    return LoRAConfig(rank=rank, alpha=scales.pop() * rank, targets=tuple(sorted(mods)))
+
+
+def load_peft_lora(model: nnx.Module, path: str | Path, *, strict: bool = True) -> list[str]:
+    """Fill ``model``'s LoRA adapters in place from a diffusers/PEFT file; returns the module names.
+
+    The model must already carry adapters of the file's rank (e.g. built with
+    ``lora=lora_config_from_file(path)``); each B is rescaled from the file's alpha/r to ours.
+    ``strict``: adapters of the model that the file lacks are an error (else they are zeroed).
+    """
+    import jax.numpy as jnp
+
+    mods = _modules(*_read(path))
+    ours = adapted_linears(model)
+    unknown = sorted(set(mods) - set(ours))
+    if unknown:
+        raise ValueError(f"{path}: LoRA modules with no adapted Linear in the model: {unknown[:8]}"
+                         f"{' ...' if len(unknown) > 8 else ''} ({len(unknown)} in all)")
+    missing = sorted(set(ours) - set(mods))
+    if missing and strict:
+        raise ValueError(f"{path} has no weights for the model's adapters {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all); pass strict=False to zero them")
+    for name, lin in ours.items():
+        a_old, b_old = lin.lora_a.get_value(), lin.lora_b.get_value()
+        if name not in mods:
+            lin.lora_b.set_value(jnp.zeros_like(b_old))
+            continue
+        m = mods[name]
+        a, b = m["A"].T, m["B"].T * np.float32(m["scale"] / lin.lora_scale)  # (in, r), (r, out)
+        if a.shape != tuple(a_old.shape) or b.shape != tuple(b_old.shape):
+            raise ValueError(f"{path}: module {name!r} has A {a.shape} / B {b.shape} (ours as (in,r)/(r,out)) but the "
+                             f"model's adapters are {tuple(a_old.shape)} / {tuple(b_old.shape)}")
+        lin.lora_a.set_value(_like(a, a_old))
+        lin.lora_b.set_value(_like(b, b_old))
+    return sorted(mods)
+
+
+def _like(x: np.ndarray, ref) -> Any:
+    """``x`` with ``ref``'s dtype and sharding."""
+    import jax
+
+    sharding = getattr(ref, "sharding", None)
+    x = np.asarray(x).astype(ref.dtype)
+    return jax.device_put(x, sharding) if sharding is not None else jax.numpy.asarray(x)

@@ -1,0 +1,274 @@
+"""OpenAI-compatible chat-completions backend (GPT, Gemini's OpenAI endpoint, vLLM, ...).
+
+Standard library only (``urllib``). Per request: images go inline as base64 data URLs;
+transient failures (HTTP 5xx, 429, timeouts, dropped connections) are retried with
+exponential back-off; at most ``concurrency`` requests are in flight at once (one semaphore
+per backend, shared by every thread); answers are cached on disk under a SHA-256 of the
+request body, so a rerun costs nothing. HTTP 401/403 raise `AuthenticationError` at once.
+
+Configuration: arguments, else the environment: ``ARR_API_BASE`` / ``OPENAI_BASE_URL``
+(endpoint), ``ARR_API_MODEL`` (model), the key from the variable named by ``api_key_env``
+(default ``OPENAI_API_KEY``; a local server may need none).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import io
+import json
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from arr_jax.judge.templates import ChatRequest, ImagePart
+
+DEFAULT_ENDPOINT = "https://api.openai.com/v1"
+
+
+class APIError(RuntimeError):
+    """A request that failed for good (non-retryable status, or retries exhausted)."""
+
+
+class AuthenticationError(APIError):
+    """HTTP 401/403: the key is missing, wrong or lacks access."""
+
+
+def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 90, max_side: int | None = None) -> str:
+    """uint8 (H, W, 3) -> ``data:image/<fmt>;base64,...``, downscaled (aspect kept) so that
+    its longer side is at most ``max_side`` when given."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {arr.dtype} {arr.shape}")
+    im = Image.fromarray(arr)
+    if max_side and max(im.size) > max_side:
+        scale = max_side / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+    buf = io.BytesIO()
+    fmt = fmt.lower()
+    if fmt in ("jpg", "jpeg"):
+        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+        mime = "jpeg"
+    elif fmt == "png":
+        im.save(buf, format="PNG")
+        mime = "png"
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; use 'png' or 'jpeg'")
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _chat_url(endpoint: str) -> str:
+    e = endpoint.rstrip("/")
+    return e if e.endswith("/chat/completions") else e + "/chat/completions"
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+class _Retryable(Exception):
+    pass
+
+
+class OpenAIBackend:
+    """Text backend over an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+      model / endpoint / api_key: see module docstring for the environment fallbacks.
+      timeout: seconds per HTTP attempt.  max_retries: retries after the first attempt.
+      backoff / backoff_max: first back-off delay and its cap (doubles per retry, +-25% jitter;
+        a ``Retry-After`` header wins when present).
+      concurrency: requests in flight at once.  cache_dir: on-disk response cache (None = off).
+      temperature / max_tokens: sampling; ``max_tokens`` caps each request's own budget.
+      token_param: "max_tokens", or "max_completion_tokens" for reasoning models.
+      image_format: "png" (lossless) or "jpeg" (smaller for photos).  max_image_side: downscale
+        images whose longer side exceeds this (None = send as is).
+      extra_body: extra JSON fields merged into every request (e.g. {"top_p": 1}).
+    """
+
+    def __init__(self, model: str | None = None, endpoint: str | None = None, api_key: str | None = None,
+                 *, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0, max_retries: int = 5,
+                 backoff: float = 1.0, backoff_max: float = 60.0, concurrency: int = 8,
+                 cache_dir: str | os.PathLike | None = None, temperature: float = 0.0,
+                 max_tokens: int | None = None, token_param: str = "max_tokens",
+                 image_format: str = "png", max_image_side: int | None = None, extra_body: dict | None = None):
+        self.model = model or os.environ.get("ARR_API_MODEL", "")
+        if not self.model:
+            raise ValueError("no model: pass model= (config backend.openai.model) or set ARR_API_MODEL")
+        self.endpoint = endpoint or os.environ.get("ARR_API_BASE") or os.environ.get("OPENAI_BASE_URL") \
+            or DEFAULT_ENDPOINT
+        self.url = _chat_url(self.endpoint)
+        self.api_key_env = api_key_env
+        self.api_key = api_key if api_key is not None else os.environ.get(api_key_env, "")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.timeout, self.max_retries = float(timeout), int(max_retries)
+        self.backoff, self.backoff_max = float(backoff), float(backoff_max)
+        self.concurrency = int(concurrency)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.temperature, self.max_tokens = float(temperature), max_tokens
+        self.token_param, self.image_format, self.max_image_side = token_param, image_format, max_image_side
+        self.extra_body = dict(extra_body or {})
+        self._sem = threading.BoundedSemaphore(self.concurrency)
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "http_calls": 0, "cache_hits": 0, "retries": 0}
+        self.name = f"openai:{self.model}"
+
+    # -- request body --------------------------------------------------------------------
+    def payload(self, req: ChatRequest) -> dict:
+        """The JSON body for one request."""
+        content = []
+        for p in req.parts:
+            if isinstance(p, ImagePart):
+                content.append({"type": "image_url",
+                                "image_url": {"url": encode_image(p.image, self.image_format,
+                                                                    max_side=self.max_image_side)}})
+            elif p:
+                content.append({"type": "text", "text": p})
+        messages = []
+        if req.system:
+            messages.append({"role": "system", "content": req.system})
+        messages.append({"role": "user", "content": content})
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        budget = [b for b in (req.max_tokens, self.max_tokens) if b]
+        if budget:
+            body[self.token_param] = int(min(budget))
+        if req.sample:
+            body["seed"] = int(req.sample)
+        body.update(self.extra_body)
+        return body
+
+    @staticmethod
+    def request_hash(body: dict) -> str:
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    # -- cache ---------------------------------------------------------------------------
+    def _cache_path(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.json"
+
+    def _cache_get(self, key: str) -> str | None:
+        p = self._cache_path(key)
+        if p is None or not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))["text"]
+        except (OSError, ValueError, KeyError):
+            return None  # a torn or foreign file: ask again
+
+    def _cache_put(self, key: str, text: str, raw: dict) -> None:
+        p = self._cache_path(key)
+        if p is None:
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".tmp{threading.get_ident()}")
+        tmp.write_text(json.dumps({"key": key, "model": self.model, "text": text, "response": raw}),
+                       encoding="utf-8")
+        os.replace(tmp, p)
+
+    # -- HTTP ----------------------------------------------------------------------------
+    def _post(self, data: bytes) -> dict:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            body = e.read()[:2000].decode("utf-8", "replace") if e.fp is not None else ""
+            if e.code in (401, 403):
+                where = "backend.openai.api_key / " + self.api_key_env
+                state = "is set" if self.api_key else "is NOT set"
+                raise AuthenticationError(
+                    f"HTTP {e.code} from {self.url}: the API key was rejected (model {self.model!r}). "
+                    f"Set a valid key via {where} (the key {state}). Server said: {body[:500]}") from None
+            if e.code == 429 or e.code >= 500:
+                raise _Retryable(f"HTTP {e.code}: {body[:300]}", e.headers.get("Retry-After")) from None
+            raise APIError(f"HTTP {e.code} from {self.url} (model {self.model!r}): {body[:1000]}") from None
+        except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:
+            raise _Retryable(f"{type(e).__name__}: {e}", None) from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout, ConnectionError, OSError)):
+                raise _Retryable(f"URLError: {e.reason}", None) from None
+            raise APIError(f"cannot reach {self.url}: {e.reason}") from None
+        except ValueError as e:  # a 200 with a body that is not JSON: retry
+            raise _Retryable(f"bad JSON body: {e}", None) from None
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(float(retry_after), self.backoff_max)
+            except ValueError:
+                pass
+        d = min(self.backoff * 2 ** attempt, self.backoff_max)
+        return d * random.uniform(0.75, 1.25)
+
+    def _one(self, req: ChatRequest) -> str:
+        body = self.payload(req)
+        key = self.request_hash(body)
+        with self._lock:
+            self.stats["requests"] += 1
+        hit = self._cache_get(key)
+        if hit is not None:
+            with self._lock:
+                self.stats["cache_hits"] += 1
+            return hit
+        data = json.dumps(body).encode("utf-8")
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                with self._sem:
+                    with self._lock:
+                        self.stats["http_calls"] += 1
+                    raw = self._post(data)
+                choices = raw.get("choices") or []
+                if not choices:
+                    raise _Retryable(f"no choices in response: {json.dumps(raw)[:300]}", None)
+                text = _content_text((choices[0].get("message") or {}).get("content"))
+                self._cache_put(key, text, raw)
+                return text
+            except _Retryable as e:
+                last = str(e.args[0])
+                if attempt == self.max_retries:
+                    break
+                with self._lock:
+                    self.stats["retries"] += 1
+                time.sleep(self._delay(attempt, e.args[1] if len(e.args) > 1 else None))
+        raise APIError(f"{self.url}: giving up after {self.max_retries + 1} attempts; last error: {last}")
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
+        """Answer texts, in order. Raises AuthenticationError / APIError (pending requests are
+        cancelled; finished ones are already cached)."""
+        requests = list(requests)
+        if not requests:
+            return []
+        if len(requests) == 1 or self.concurrency == 1:
+            return [self._one(r) for r in requests]
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)))
+        try:
+            futures = [pool.submit(self._one, r) for r in requests]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    for g in futures:
+                        g.cancel()
+                    raise f.exception()
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

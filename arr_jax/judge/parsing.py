@@ -1,0 +1,512 @@
+"""Parsing of judge / rubric-generator outputs that never raises.
+
+Every parser returns a result with a ``status`` from ``STATUSES``:
+
+  ok            well-formed JSON with valid fields
+  repaired      valid fields after repairs: code fences, prose around the JSON, trailing commas,
+                single quotes, Python literals, bare keys, a truncated tail
+  fallback      no usable JSON, but an unambiguous answer pattern in the prose
+  tie           a pairwise answer ranking both images the same (listwise: repeated ranks);
+                the defined outcome is "undecided"
+  empty         empty / whitespace-only output
+  no_json       no JSON object and no answer pattern
+  invalid_json  a JSON-looking span that could not be repaired
+  missing_field JSON without the required key
+  bad_value     the key is there but its value is unusable (wrong type, out of range,
+                ranks not a permutation, no non-empty rubric, ...)
+  internal_error  a bug in this module (caught; tests assert it never happens)
+
+``FAILURES`` are the statuses whose answer is not used (a tie is a defined outcome, not a
+parse failure, but is counted too). ``Counter``s of statuses are what judges report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections import Counter
+from typing import Any, Callable
+
+OK, REPAIRED, FALLBACK, TIE = "ok", "repaired", "fallback", "tie"
+EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE, INTERNAL = (
+    "empty", "no_json", "invalid_json", "missing_field", "bad_value", "internal_error")
+STATUSES = (OK, REPAIRED, FALLBACK, TIE, EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE,
+            INTERNAL)
+USABLE = (OK, REPAIRED, FALLBACK)
+FAILURES = (EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE, INTERNAL)
+
+_MAX_CHARS = 200_000      # longer outputs are cut (a runaway generation)
+_MAX_STARTS = 16          # '{' positions tried per candidate span
+_MAX_DEPTH = 64           # deeper nesting is not a judge answer
+_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
+
+
+def count(statuses) -> dict[str, int]:
+    """Counts of statuses (every kind that occurred)."""
+    return dict(Counter(statuses))
+
+
+# --------------------------------------------------------------------------------------------
+# JSON extraction and repair
+
+def _fences(text: str) -> list[str]:
+    """Contents of ``` fenced blocks (an unterminated last fence runs to the end)."""
+    out = []
+    parts = text.split("```")
+    for i in range(1, len(parts), 2):
+        body = parts[i]
+        body = re.sub(r"^[ \t]*[A-Za-z0-9_-]*[ \t]*\n", "", body, count=1)  # language tag
+        out.append(body)
+    return out
+
+
+def _repair(s: str) -> tuple[str, list[str]]:
+    """Normalise a JSON-ish object text. Returns (text, trims): ``trims`` are the text cut at
+    each of the last commas, with the brackets open there closed (to drop a broken tail)."""
+    out: list[str] = []
+    stack: list[str] = []
+    cuts: list[tuple[int, list[str]]] = []
+    i, n = 0, len(s)
+    in_str: str | None = None
+    while i < n:
+        c = s[i]
+        if in_str is not None:
+            if c == "\\" and i + 1 < n:
+                nxt = s[i + 1]
+                if in_str == "'" and nxt == "'":
+                    out.append("'")
+                else:
+                    out.append(c + nxt)
+                i += 2
+                continue
+            if c == in_str:
+                out.append('"')
+                in_str = None
+            elif c == '"':  # a double quote inside a single-quoted string
+                out.append('\\"')
+            elif c == "\n":
+                out.append("\\n")
+            elif c in "\r\t":
+                out.append("\\r" if c == "\r" else "\\t")
+            else:
+                out.append(c)
+            i += 1
+            continue
+        if c in "\"'":
+            in_str = c
+            out.append('"')
+        elif c in "{[":
+            if len(stack) >= _MAX_DEPTH:
+                raise ValueError("nesting too deep")
+            stack.append("}" if c == "{" else "]")
+            out.append(c)
+        elif c in "}]":
+            # drop a trailing comma before a closer
+            j = len(out) - 1
+            while j >= 0 and out[j].isspace():
+                j -= 1
+            if j >= 0 and out[j] == ",":
+                del out[j]
+                if cuts and cuts[-1][0] == j:
+                    cuts.pop()
+            if stack and stack[-1] == c:
+                stack.pop()
+                out.append(c)
+                if not stack:
+                    return "".join(out), _trims(out, cuts)
+            else:
+                raise ValueError("mismatched bracket")
+        elif c == ",":
+            cuts.append((len(out), list(stack)))
+            out.append(c)
+        elif c.isalpha() or c == "_":
+            j = i
+            while j < n and (s[j].isalnum() or s[j] == "_"):
+                j += 1
+            word = s[i:j]
+            k = j
+            while k < n and s[k] in " \t":
+                k += 1
+            if k < n and s[k] == ":" and stack and stack[-1] == "}":
+                out.append(json.dumps(word))          # bare key
+            elif word in ("True", "False", "None"):
+                out.append({"True": "true", "False": "false", "None": "null"}[word])
+            else:
+                out.append(word)
+            i = j
+            continue
+        elif c == "#" or (c == "/" and i + 1 < n and s[i + 1] == "/"):
+            while i < n and s[i] != "\n":  # comment to end of line
+                i += 1
+            continue
+        else:
+            out.append(c)
+        i += 1
+    # truncated: close the open string and brackets
+    if in_str is not None:
+        out.append('"')
+    text = "".join(out).rstrip()
+    while text.endswith((",", ":")):
+        text = text[:-1].rstrip()
+        if text.endswith(":"):
+            text += " null"
+            break
+    return text + "".join(reversed(stack)), _trims(out, cuts)
+
+
+def _trims(out: list[str], cuts: list[tuple[int, list[str]]]) -> list[str]:
+    return ["".join(out[:i]) + "".join(reversed(st)) for i, st in reversed(cuts[-32:])]
+
+
+def _loads(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _try_object(s: str) -> tuple[Any, str | None]:
+    """Parse the object starting at s[0] == '{'. Returns (obj, OK/REPAIRED) or (None, None)."""
+    # exact JSON first (a balanced prefix)
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(s)
+        if isinstance(obj, dict):
+            return obj, OK
+    except (ValueError, RecursionError):
+        pass
+    try:
+        fixed, cuts = _repair(s)
+    except (ValueError, RecursionError):
+        return None, None
+    obj = _loads(fixed)
+    if isinstance(obj, dict):
+        return obj, REPAIRED
+    for trimmed in cuts:  # drop a broken tail back to a comma
+        obj = _loads(trimmed)
+        if isinstance(obj, dict):
+            return obj, REPAIRED
+    return None, None
+
+
+def extract_json(text: Any) -> tuple[dict | None, str]:
+    """The first JSON object in ``text`` (fences preferred), repaired if needed.
+
+    Returns (obj, status) with status OK / REPAIRED, or (None, EMPTY / NO_JSON / INVALID_JSON).
+    """
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    text = text[:_MAX_CHARS].translate(_QUOTES)
+    if not text.strip():
+        return None, EMPTY
+    direct = _loads(text.strip()) if text.lstrip().startswith("{") else None
+    if isinstance(direct, dict):
+        return direct, OK
+    saw_brace = False
+    for cand in _fences(text) + [text]:
+        for st in [m.start() for m in re.finditer(r"\{", cand)][:_MAX_STARTS]:
+            saw_brace = True
+            obj, _ = _try_object(cand[st:])
+            if obj is not None:
+                return obj, REPAIRED
+    return None, INVALID_JSON if saw_brace else NO_JSON
+
+
+# --------------------------------------------------------------------------------------------
+# Typed answers
+
+def _as_int(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(?:image\s*)?#?\s*(-?\d{1,6})(?:\.0+)?\s*", v, re.I)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _reason(obj: dict) -> str:
+    r = obj.get("reason", obj.get("rationale", obj.get("explanation", "")))
+    return r[:4000] if isinstance(r, str) else json.dumps(r)[:4000] if r is not None else ""
+
+
+def _guard(fn: Callable, make_failure: Callable[[str], Any]) -> Callable:
+    def wrapped(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - the contract is "never raises"
+            return make_failure(f"{type(e).__name__}: {e}")
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@dataclasses.dataclass
+class PairwiseAnswer:
+    """winner: 1 / 2, or 0 when undecided (tie or failure)."""
+
+    winner: int
+    status: str
+    reason: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.status in USABLE
+
+
+_RANK_RE = re.compile(r"""["']?rank(?:s|ing)?["']?\s*[:=]\s*\[\s*["']?(\d+)["']?\s*,\s*["']?(\d+)""", re.I)
+_BETTER_RE = re.compile(
+    r"\bimage\s*([12])\b[^.\n]{0,40}?\b(?:is|was|looks|seems)\s+(?:clearly\s+|slightly\s+)?"
+    r"(?:better|superior|preferred|preferable|the\s+winner)\b|\b(?:prefer|choose|pick|winner\s*(?:is|:))\s*"
+    r"(?:the\s+)?image\s*([12])\b", re.I)
+
+
+def _pair_from_ranks(r: Any) -> tuple[int, str]:
+    if isinstance(r, str):
+        inner = _loads(r) if r.strip().startswith("[") else None
+        r = inner if isinstance(inner, list) else r
+    if not isinstance(r, list) or len(r) != 2:  # {"rank": 2} is ambiguous: refuse it
+        return (0, BAD_VALUE)
+    a, b = _as_int(r[0]), _as_int(r[1])
+    if a not in (1, 2) or b not in (1, 2):
+        return (0, BAD_VALUE)
+    if a == b:
+        return (0, TIE)
+    return (1 if a == 1 else 2, OK)
+
+
+def _parse_pairwise(text: Any) -> PairwiseAnswer:
+    obj, how = extract_json(text)
+    if obj is not None:
+        key = next((k for k in ("rank", "ranks", "ranking") if k in obj), None)
+        if key is not None:
+            w, st = _pair_from_ranks(obj[key])
+            return PairwiseAnswer(w, how if st == OK else st, _reason(obj))
+        for k in ("winner", "better", "preferred", "choice"):
+            if k in obj:
+                v = obj[k]
+                w = _as_int(v)
+                if w in (1, 2):
+                    return PairwiseAnswer(w, REPAIRED, _reason(obj))
+                if isinstance(v, str) and re.fullmatch(r"\s*(tie|equal|both|none|neither)\s*", v, re.I):
+                    return PairwiseAnswer(0, TIE, _reason(obj))
+                return PairwiseAnswer(0, BAD_VALUE, _reason(obj))
+        if how != OK:  # a JSON fragment without the key: maybe the prose says it
+            fb = _pairwise_fallback(text)
+            if fb is not None:
+                return fb
+        return PairwiseAnswer(0, MISSING_FIELD, _reason(obj))
+    if how == EMPTY:
+        return PairwiseAnswer(0, EMPTY)
+    fb = _pairwise_fallback(text)
+    return fb if fb is not None else PairwiseAnswer(0, how)
+
+
+def _pairwise_fallback(text: Any) -> PairwiseAnswer | None:
+    text = str(text)[:_MAX_CHARS]
+    m = _RANK_RE.search(text)
+    if m:
+        w, st = _pair_from_ranks([int(m.group(1)), int(m.group(2))])
+        return PairwiseAnswer(w, FALLBACK if st == OK else st, text[:500])
+    picks = {int(a or b) for a, b in _BETTER_RE.findall(text)}
+    if len(picks) == 1:
+        return PairwiseAnswer(picks.pop(), FALLBACK, text[:500])
+    return None
+
+
+parse_pairwise = _guard(_parse_pairwise, lambda e: PairwiseAnswer(0, INTERNAL, e))
+parse_pairwise.__doc__ = """``{"rank": [r1, r2], "reason": ...}`` -> PairwiseAnswer (winner 0 unless usable)."""
+
+
+@dataclasses.dataclass
+class PointwiseAnswer:
+    """score: integer 1..5, or None when unusable."""
+
+    score: int | None
+    status: str
+    reason: str = ""
+
+
+_SCORE_RE = re.compile(r"\b(?:score|rating)\s*[\"']?\s*[:=]\s*[\"']?\s*([1-5])(?:\.0+)?\b|\b([1-5])\s*/\s*5\b", re.I)
+
+
+def _parse_pointwise(text: Any, lo: int = 1, hi: int = 5) -> PointwiseAnswer:
+    obj, how = extract_json(text)
+    if obj is not None:
+        key = next((k for k in ("score", "rating") if k in obj), None)
+        if key is None:
+            return PointwiseAnswer(None, MISSING_FIELD, _reason(obj))
+        s = _as_int(obj[key])
+        if s is None or not lo <= s <= hi:
+            return PointwiseAnswer(None, BAD_VALUE, _reason(obj))
+        return PointwiseAnswer(s, how, _reason(obj))
+    if how == EMPTY:
+        return PointwiseAnswer(None, EMPTY)
+    found = {int(a or b) for a, b in _SCORE_RE.findall(str(text)[:_MAX_CHARS])}
+    if len(found) == 1:
+        return PointwiseAnswer(found.pop(), FALLBACK)
+    return PointwiseAnswer(None, how)
+
+
+parse_pointwise = _guard(_parse_pointwise, lambda e: PointwiseAnswer(None, INTERNAL, e))
+parse_pointwise.__doc__ = """``{"score": 1-5, "reason": ...}`` -> PointwiseAnswer."""
+
+
+@dataclasses.dataclass
+class ListwiseAnswer:
+    """ranks: ranks[i] is the rank (1 = best) of image i+1, a permutation of 1..N; or None."""
+
+    ranks: list[int] | None
+    status: str
+    reason: str = ""
+
+
+def _parse_listwise(text: Any, n: int) -> ListwiseAnswer:
+    obj, how = extract_json(text)
+    if obj is None:
+        return ListwiseAnswer(None, how)
+    key = next((k for k in ("ranks", "rank", "ranking") if k in obj), None)
+    if key is None:
+        return ListwiseAnswer(None, MISSING_FIELD, _reason(obj))
+    r = obj[key]
+    if not isinstance(r, list) or len(r) != n:
+        return ListwiseAnswer(None, BAD_VALUE, _reason(obj))
+    ranks = [_as_int(x) for x in r]
+    if any(x is None or not 1 <= x <= n for x in ranks):
+        return ListwiseAnswer(None, BAD_VALUE, _reason(obj))
+    if len(set(ranks)) != n:
+        return ListwiseAnswer(None, TIE, _reason(obj))
+    return ListwiseAnswer(ranks, how, _reason(obj))
+
+
+parse_listwise = _guard(_parse_listwise, lambda e: ListwiseAnswer(None, INTERNAL, e))
+parse_listwise.__doc__ = """``{"ranks": [...N ranks...]}`` -> ListwiseAnswer (a permutation of 1..N)."""
+
+
+def listwise_rewards(ranks: list[int] | None, n: int) -> list[float]:
+    """Reward of each image from its rank k: ``1 - 1.1 (k-1)/(N-1)`` (SPEC §1.5); all 0 when
+    the answer is unusable (no signal)."""
+    if ranks is None or n < 2:
+        return [0.0] * n
+    return [1.0 - 1.1 * (k - 1) / (n - 1) for k in ranks]
+
+
+@dataclasses.dataclass
+class RubricsAnswer:
+    rubrics: list[str]
+    status: str
+    reason: str = ""
+
+
+def _rubric_text(item: Any) -> str:
+    if isinstance(item, str):
+        return item.strip()
+    if isinstance(item, dict):
+        for k in ("criterion", "rubric", "text", "description", "check", "question"):
+            if isinstance(item.get(k), str) and item[k].strip():
+                name = item.get("name")
+                t = item[k].strip()
+                return f"{name.strip()}: {t}" if isinstance(name, str) and name.strip() and k == "description" else t
+        if isinstance(item.get("name"), str):
+            return item["name"].strip()
+    return ""
+
+
+def _parse_rubrics(text: Any, k: int | None = None) -> RubricsAnswer:
+    obj, how = extract_json(text)
+    if obj is None:
+        return RubricsAnswer([], how)
+    key = next((x for x in ("rubrics", "criteria", "rubric") if x in obj), None)
+    if key is None:
+        return RubricsAnswer([], MISSING_FIELD, _reason(obj))
+    items = obj[key]
+    if isinstance(items, str):
+        items = [ln for ln in re.split(r"\n+", items)]
+    if not isinstance(items, list):
+        return RubricsAnswer([], BAD_VALUE, _reason(obj))
+    seen, out = set(), []
+    for it in items:
+        t = re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", _rubric_text(it))[:1000]
+        if t and t.lower() not in seen:
+            seen.add(t.lower())
+            out.append(t)
+    if not out:
+        return RubricsAnswer([], BAD_VALUE, _reason(obj))
+    status = how
+    if k is not None and len(out) > k:
+        out, status = out[:k], REPAIRED
+    return RubricsAnswer(out, status, _reason(obj))
+
+
+parse_rubrics = _guard(_parse_rubrics, lambda e: RubricsAnswer([], INTERNAL, e))
+parse_rubrics.__doc__ = """``{"rubrics": [...], "reason": ...}`` -> RubricsAnswer (at most k, deduplicated)."""
+
+
+@dataclasses.dataclass
+class ThemesAnswer:
+    """themes: [(name, [tips])] in order."""
+
+    themes: list[tuple[str, list[str]]]
+    status: str
+
+
+_THEME_LINE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?\s*theme\s*(\d+)?\s*[:.)-]\s*(.+?)(?:\*\*)?\s*$", re.I)
+_TIP_LINE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|tip\s*\d*\s*[:.)-])\s*(.+?)\s*$", re.I)
+
+
+def parse_themes_text(text: str) -> list[tuple[str, list[str]]]:
+    """Plain-text Theme + Tips ("Theme 1: name" lines, "- tip" lines) -> [(name, tips)]."""
+    themes: list[tuple[str, list[str]]] = []
+    for line in str(text).splitlines():
+        m = _THEME_LINE.match(line)
+        if m:
+            themes.append((m.group(2).strip().strip("*").strip(), []))
+            continue
+        t = _TIP_LINE.match(line)
+        if t and themes and t.group(1).strip():
+            themes[-1][1].append(t.group(1).strip())
+    return [(n, tips) for n, tips in themes if n and tips]
+
+
+def _parse_themes(text: Any, max_themes: int | None = None, max_tips: int | None = None) -> ThemesAnswer:
+    obj, how = extract_json(text)
+    themes: list[tuple[str, list[str]]] = []
+    status = how
+    if obj is not None:
+        raw = obj.get("themes")
+        if raw is None:
+            status = MISSING_FIELD
+        elif not isinstance(raw, list):
+            status = BAD_VALUE
+        else:
+            for th in raw:
+                if not isinstance(th, dict):
+                    continue
+                name = th.get("name", th.get("theme", ""))
+                tips = th.get("tips", th.get("items", []))
+                if isinstance(tips, str):
+                    tips = [tips]
+                tips = [t.strip() for t in tips if isinstance(t, str) and t.strip()] if isinstance(tips, list) else []
+                if isinstance(name, str) and name.strip() and tips:
+                    themes.append((name.strip(), tips))
+            if not themes:
+                status = BAD_VALUE
+    if not themes and status != EMPTY:
+        themes = parse_themes_text(str(text)[:_MAX_CHARS])
+        if themes:
+            status = FALLBACK
+    if not themes:
+        return ThemesAnswer([], status if status not in USABLE else BAD_VALUE)
+    if max_themes is not None and len(themes) > max_themes:
+        themes, status = themes[:max_themes], (REPAIRED if status == OK else status)
+    if max_tips is not None and any(len(t) > max_tips for _, t in themes):
+        themes = [(n, t[:max_tips]) for n, t in themes]
+        status = REPAIRED if status == OK else status
+    return ThemesAnswer(themes, status)
+
+
+parse_themes = _guard(_parse_themes, lambda e: ThemesAnswer([], INTERNAL))
+parse_themes.__doc__ = """``{"themes": [{"name", "tips"}]}`` (or plain Theme/Tips text) -> ThemesAnswer."""

@@ -1,0 +1,231 @@
+"""A `Judge` over any text-generating backend: builds prompts, parses answers, counts failures.
+
+A *text backend* answers chat requests::
+
+    class TextBackend(Protocol):
+        name: str
+        def generate(self, requests: Sequence[ChatRequest]) -> list[str]: ...
+
+Implementations: `arr_jax.judge.api.OpenAIBackend` (HTTP), `arr_jax.world.arr_backend.
+WorldBackend` (the synthetic world's programmatic judge), and `CallableBackend`, which adapts a
+batched ``fn(chats) -> texts`` where ``chats = [(messages, images), ...]`` is exactly what
+`arr_jax.judge.processor.Qwen3VLProcessor.__call__` takes; a Flax VLM decode loop plugs in there.
+
+`TextJudge` modes: "pairwise" (the default and the reward; ``{"rank": [r1, r2]}``), "pointwise"
+(a 1-5 score per image; higher wins), "listwise" (ranks over N images; `rank` gives rewards
+``1 - 1.1 (k-1)/(N-1)``). ``symmetrize`` ("agree" / "mean") judges both orders in one batched
+backend call and combines them (SPEC §1.7). Unusable answers give a tie (winner 0, p 0.5).
+``PairwiseBatch.failures`` counts every parse status except ok / repaired (so ties and prose
+fallbacks are counted too); ``compare_with_status`` gives the per-pair statuses.
+"""
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from arr_jax.judge import parsing
+from arr_jax.judge.base import PairwiseBatch, combine_orders, flip
+from arr_jax.judge.templates import TASK_DESCRIPTIONS, ChatRequest, TemplateSet
+
+MODES = ("pairwise", "pointwise", "listwise")
+
+
+@runtime_checkable
+class TextBackend(Protocol):
+    name: str
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[str]: ...
+
+
+class CallableBackend:
+    """Adapts ``fn(chats) -> list[str]`` (``chats = [(messages, images), ...]``, see
+    `ChatRequest.to_chat`) to a TextBackend, calling it in chunks of ``batch_size``."""
+
+    def __init__(self, fn: Callable[[list], list[str]], name: str = "callable", batch_size: int | None = None):
+        self.fn, self.name, self.batch_size = fn, name, batch_size
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
+        chats = [r.to_chat() for r in requests]
+        step = self.batch_size or max(len(chats), 1)
+        out: list[str] = []
+        for i in range(0, len(chats), step):
+            got = list(self.fn(chats[i:i + step]))
+            if len(got) != len(chats[i:i + step]):
+                raise ValueError(f"backend {self.name} returned {len(got)} texts for {len(chats[i:i + step])} requests")
+            out += [str(t) for t in got]
+        return out
+
+
+def as_images(x) -> list[np.ndarray]:
+    """(B, H, W, 3) array or a sequence of (H, W, 3) arrays -> list of uint8 arrays."""
+    return [np.asarray(im) for im in x]
+
+
+def pair_request(templates: TemplateSet, template: str, prompt: str, image1: np.ndarray, image2: np.ndarray,
+                 source: np.ndarray | None = None, fields: dict | None = None, meta: dict | None = None,
+                 sample: int = 0) -> ChatRequest:
+    """A request about one pair (generate / verify / refine / pairwise templates); a source
+    image makes it an editing request with ``Image BASE`` first."""
+    imgs = {} if source is None else {"BASE": source}
+    imgs.update({"1": image1, "2": image2})
+    f = {"edit": source is not None, "prompt": prompt}
+    f.update(fields or {})
+    return templates.fill(template, f, imgs, meta=meta, sample=sample)
+
+
+class TextJudge:
+    """`Judge` over a `TextBackend`.
+
+    Args:
+      backend: the TextBackend.  mode: "pairwise" | "pointwise" | "listwise".
+      templates: a TemplateSet (default: the package prompts).  template: override the
+        template name for pairwise requests (induction verifies with "verify").
+      task_description: text for the judge prompt; default by task (T2I / editing).
+      symmetrize: None, "agree" or "mean": ``compare`` judges both orders and combines them.
+    """
+
+    def __init__(self, backend: TextBackend, mode: str = "pairwise", templates: TemplateSet | None = None,
+                 template: str | None = None, task_description: str | None = None,
+                 symmetrize: str | None = None):
+        if mode not in MODES:
+            raise ValueError(f"unknown judge mode {mode!r}; expected one of {MODES}")
+        if symmetrize not in (None, "", "agree", "mean"):
+            raise ValueError(f"unknown symmetrize {symmetrize!r}; expected None, 'agree' or 'mean'")
+        self.backend, self.mode = backend, mode
+        self.templates = templates or TemplateSet()
+        self.template = template or mode
+        self.task_description = task_description
+        self.symmetrize = symmetrize or None
+        self.name = f"text/{mode}:{backend.name}" + (f"/sym-{self.symmetrize}" if self.symmetrize else "")
+
+    def _fields(self, rubric: str | None, edit: bool) -> dict:
+        desc = self.task_description or TASK_DESCRIPTIONS["edit" if edit else "t2i"]
+        return {"rubric": (rubric or "").strip(), "task_description": desc}
+
+    # -- request building ----------------------------------------------------------------
+    def pair_requests(self, prompts, images1, images2, rubric=None, sources=None, meta=None) -> list[ChatRequest]:
+        """Requests for B pairs in the given order (pairwise / listwise-of-2: 1 each;
+        pointwise: 2 each, image 1 then image 2)."""
+        i1, i2 = as_images(images1), as_images(images2)
+        src = [None] * len(prompts) if sources is None else list(sources)
+        if not (len(i1) == len(i2) == len(src) == len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts but {len(i1)}/{len(i2)} images and {len(src)} sources")
+        reqs = []
+        for b, p in enumerate(prompts):
+            m = dict(meta or {}, index=b)
+            f = self._fields(rubric, src[b] is not None)
+            if self.mode == "pairwise":
+                reqs.append(pair_request(self.templates, self.template, p, i1[b], i2[b], src[b], f, m))
+            elif self.mode == "pointwise":
+                for k, im in ((1, i1[b]), (2, i2[b])):
+                    reqs.append(self._single(p, im, src[b], f, dict(m, image=k)))
+            else:
+                reqs.append(self._list(p, [i1[b], i2[b]], src[b], f, m))
+        return reqs
+
+    def _single(self, prompt, image, source, fields, meta) -> ChatRequest:
+        imgs = {} if source is None else {"BASE": source}
+        imgs["1"] = image
+        return self.templates.fill("pointwise", dict(fields, edit=source is not None, prompt=prompt), imgs, meta)
+
+    def _list(self, prompt, images, source, fields, meta) -> ChatRequest:
+        imgs = {} if source is None else {"BASE": source}
+        imgs.update({str(k + 1): im for k, im in enumerate(images)})
+        return self.templates.fill("listwise", dict(fields, edit=source is not None, prompt=prompt, n=len(images)),
+                                   imgs, meta)
+
+    # -- answers -> batch ----------------------------------------------------------------
+    def _decode(self, texts: list[str], b: int) -> tuple[PairwiseBatch, list[str]]:
+        winner = np.zeros(b, np.int8)
+        p = np.full(b, 0.5, np.float32)
+        statuses, reasons = [], []
+        if self.mode == "pairwise":
+            for i, t in enumerate(texts):
+                a = parsing.parse_pairwise(t)
+                statuses.append(a.status)
+                reasons.append(a.reason)
+                if a.usable and a.winner in (1, 2):
+                    winner[i] = a.winner
+                    p[i] = 1.0 if a.winner == 1 else 0.0
+        elif self.mode == "pointwise":
+            for i in range(b):
+                s1, s2 = parsing.parse_pointwise(texts[2 * i]), parsing.parse_pointwise(texts[2 * i + 1])
+                bad = [s.status for s in (s1, s2) if s.score is None]
+                statuses.append(bad[0] if bad else (s1.status if s1.status != parsing.OK else s2.status))
+                reasons.append(f"image 1: {s1.score} ({s1.reason}); image 2: {s2.score} ({s2.reason})")
+                if not bad:
+                    d = s1.score - s2.score
+                    winner[i] = 1 if d > 0 else 2 if d < 0 else 0
+                    p[i] = 0.5 + d / 8.0
+                    if d == 0:
+                        statuses[-1] = parsing.TIE
+        else:
+            for i, t in enumerate(texts):
+                a = parsing.parse_listwise(t, 2)
+                statuses.append(a.status)
+                reasons.append(a.reason)
+                if a.ranks is not None:
+                    winner[i] = 1 if a.ranks[0] < a.ranks[1] else 2
+                    p[i] = 1.0 if winner[i] == 1 else 0.0
+        fails = {k: v for k, v in Counter(statuses).items() if k not in (parsing.OK, parsing.REPAIRED)}
+        return PairwiseBatch(winner=winner, p_first=p, failures=fails, reasons=reasons), statuses
+
+    def compare_orders(self, prompts, images1, images2, rubric=None, sources=None):
+        """Both orders in one backend call: (fwd batch, swapped batch flipped back to the
+        (images1, images2) numbering, fwd statuses, swapped statuses)."""
+        b = len(prompts)
+        reqs = self.pair_requests(prompts, images1, images2, rubric, sources, {"order": "fwd"})
+        reqs += self.pair_requests(prompts, images2, images1, rubric, sources, {"order": "rev"})
+        texts = self.backend.generate(reqs)
+        half = len(reqs) // 2
+        fwd, sf = self._decode(texts[:half], b)
+        rev, sr = self._decode(texts[half:], b)
+        return fwd, flip(rev), sf, sr
+
+    def compare_with_status(self, prompts, images1, images2, rubric=None, sources=None):
+        """``compare`` plus the per-pair parse status (symmetrised: the worse of the two)."""
+        if self.symmetrize:
+            fwd, rev, sf, sr = self.compare_orders(prompts, images1, images2, rubric, sources)
+            worst = [a if a not in parsing.USABLE else b for a, b in zip(sf, sr)]
+            return combine_orders(fwd, rev, self.symmetrize), worst
+        texts = self.backend.generate(self.pair_requests(prompts, images1, images2, rubric, sources))
+        return self._decode(texts, len(prompts))
+
+    def compare(self, prompts: Sequence[str], images1, images2, rubric: str | None = None,
+                sources=None) -> PairwiseBatch:
+        """Judge B pairs (images: (B, H, W, 3) or sequences of (H, W, 3)); sources: per-pair
+        source images for editing, or None."""
+        return self.compare_with_status(prompts, images1, images2, rubric, sources)[0]
+
+    # -- other protocols -----------------------------------------------------------------
+    def score(self, prompts, images, rubric=None, sources=None) -> tuple[np.ndarray, list[str]]:
+        """Pointwise scores (B,) float32 (nan where unusable) and statuses."""
+        ims = as_images(images)
+        src = [None] * len(prompts) if sources is None else list(sources)
+        reqs = [self._single(p, ims[i], src[i], self._fields(rubric, src[i] is not None), {"index": i})
+                for i, p in enumerate(prompts)]
+        out = [parsing.parse_pointwise(t) for t in self.backend.generate(reqs)]
+        return np.array([np.nan if a.score is None else a.score for a in out], np.float32), [a.status for a in out]
+
+    def rank(self, prompts, image_lists, rubric=None, sources=None):
+        """Listwise: per prompt, ranks (list or None) and rewards ``1 - 1.1 (k-1)/(N-1)``
+        (all 0 when unusable). Returns (ranks, rewards, statuses)."""
+        src = [None] * len(prompts) if sources is None else list(sources)
+        reqs = [self._list(p, as_images(image_lists[i]), src[i], self._fields(rubric, src[i] is not None),
+                           {"index": i}) for i, p in enumerate(prompts)]
+        answers = [parsing.parse_listwise(t, len(image_lists[i]))
+                   for i, t in enumerate(self.backend.generate(reqs))]
+        ranks = [a.ranks for a in answers]
+        return ranks, [parsing.listwise_rewards(r, len(image_lists[i])) for i, r in enumerate(ranks)], \
+            [a.status for a in answers]
+
+
+def accepts_sources(judge) -> bool:
+    """Whether ``judge.compare`` takes a ``sources`` argument (editing pairs)."""
+    try:
+        return "sources" in inspect.signature(judge.compare).parameters
+    except (TypeError, ValueError):
+        return False

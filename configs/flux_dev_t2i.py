@@ -1,0 +1,112 @@
+"""FLUX.1-dev text-to-image: sampling (``python -m arr_jax.sample``) and the paper's RPO defaults.
+
+    python -m arr_jax.sample --config configs/flux_dev_t2i.py \
+        --config.model_dir=/path/to/FLUX.1-dev --config.prompts_file=prompts.txt
+
+``rpo`` holds SPEC §2's T2I column (lr 5e-5, LoRA 16/32 on attention q/k/v/out, beta 0.01,
+eps 0.2, T=8, guidance 3.5 without CFG, 512², 32 prompt pairs per update, 300 steps);
+``eval`` the evaluation sampler (30 ODE steps, guidance 3.5). ``get_config("tiny")`` is a
+CPU-sized variant for a tiny random snapshot (tests build one with diffusers).
+"""
+import ml_collections
+
+ATTENTION_LORA = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.kind = "flux"                 # the snapshot must hold a FluxPipeline
+    c.model_dir = ""                # diffusers snapshot of black-forest-labs/FLUX.1-dev
+    c.prompts_file = ""             # one prompt per line
+    c.sources_file = ""             # Kontext only: one source image path per line
+    c.outdir = "runs/samples/flux_dev"
+    c.cache_dir = "runs/prompt_cache"  # on-disk T5/CLIP embeddings ("" = memory only)
+    c.lora_path = ""                # optional diffusers/PEFT LoRA file to sample with
+
+    # --- weights / numerics / mesh --------------------------------------------------------
+    c.flux = ml_collections.ConfigDict()
+    c.flux.dtype = "bfloat16"       # transformer weights + matmuls
+    c.flux.text_dtype = "bfloat16"  # T5-XXL + CLIP-L
+    c.flux.vae_dtype = "float32"
+    c.flux.t5_max_length = 512
+    c.flux.attention_impl = "xla"
+    c.flux.remat = True
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    # --- sampling (the entry point) ---------------------------------------------------------
+    c.sample = ml_collections.ConfigDict()
+    c.sample.height = 512
+    c.sample.width = 512
+    c.sample.num_steps = 30
+    c.sample.guidance = 3.5
+    c.sample.sampler = "ode"        # "ode" (FluxPipeline's Euler steps) or "sde" (the RPO rollout)
+    c.sample.eta = 0.3              # sde only
+    c.sample.images_per_prompt = 1
+    c.sample.batch_size = 4
+    c.sample.grid_cols = 4
+
+    # --- RPO (SPEC §2, T2I column) ------------------------------------------------------------
+    c.rpo = ml_collections.ConfigDict()
+    c.rpo.iterations = 300
+    c.rpo.learning_rate = 5e-5
+    c.rpo.weight_decay = 1e-4
+    c.rpo.grad_clip = 1.0
+    c.rpo.clip_eps = 0.2
+    c.rpo.kl_beta = 0.01
+    c.rpo.kl_type = "k1"
+    c.rpo.eta = 0.3
+    c.rpo.sde_kind = "dance"
+    c.rpo.time_shift = 3.0
+    c.rpo.num_steps = 8
+    c.rpo.pairs_per_batch = 32
+    c.rpo.micro_batch = 16          # samples per forward; `python -m arr_jax.memory` says what fits
+    c.rpo.ppo_epochs = 1
+    c.rpo.steps_per_update = 0
+    c.rpo.win_reward = 1.0
+    c.rpo.lose_penalty = 0.1
+    c.rpo.shared_noise = True
+    c.rpo.quantize_t = True
+    c.rpo.nan_policy = "skip"
+    c.rpo.lora_rank = 16
+    c.rpo.lora_alpha = 32.0
+    c.rpo.lora_targets = ATTENTION_LORA
+    c.rpo.guidance = 3.5            # FLUX guidance embedding in rollouts, no CFG
+    c.rpo.height = 512
+    c.rpo.width = 512
+    c.rpo.checkpoint_every = 10
+
+    # --- evaluation sampling ------------------------------------------------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.sampler = "ode"
+    c.eval.num_steps = 30
+    c.eval.guidance = 3.5
+
+    if arg == "tiny":
+        apply_tiny(c)
+    elif arg not in (None, "", "default"):
+        raise ValueError(f"unknown flux_dev_t2i variant {arg!r}; use '' or 'tiny'")
+    return c
+
+
+def apply_tiny(c: ml_collections.ConfigDict) -> None:
+    """CPU-sized settings for a tiny random snapshot (32x32 images, a few steps, float32)."""
+    c.outdir = "runs/samples/tiny"
+    c.cache_dir = ""
+    c.flux.dtype = c.flux.text_dtype = c.flux.vae_dtype = "float32"
+    c.flux.t5_max_length = 16
+    c.flux.remat = False
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sample.height = c.sample.width = 32
+    c.sample.num_steps = 2
+    c.sample.batch_size = 2
+    c.sample.grid_cols = 2
+    c.rpo.iterations = 2
+    c.rpo.pairs_per_batch = 2
+    c.rpo.micro_batch = 4
+    c.rpo.num_steps = 2
+    c.rpo.lora_rank = 2
+    c.rpo.lora_alpha = 4.0
+    c.rpo.height = c.rpo.width = 32
+    c.eval.num_steps = 2

@@ -1,0 +1,239 @@
+"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1 started in the test:
+request shape (images inline), retries after 500s and timeouts, the concurrency limit, the
+on-disk cache, a clear error on 401, and TextJudge parse-failure accounting over HTTP."""
+import base64
+import io
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from arr_jax.judge.api import APIError, AuthenticationError, OpenAIBackend
+from arr_jax.judge.templates import TemplateSet
+from arr_jax.judge.text_judge import CallableBackend, TextJudge
+
+
+class FakeServer:
+    """A chat-completions server. ``behave(body, attempt) -> (status, answer_text, delay_s)``;
+    ``attempt`` counts earlier requests with the same last user text."""
+
+    def __init__(self, behave):
+        self.behave = behave
+        self.bodies, self.headers = [], []
+        self.attempts: dict[str, int] = {}
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = json.dumps(body["messages"][-1]["content"][-1])
+                with server.lock:
+                    server.bodies.append(body)
+                    server.headers.append(dict(self.headers))
+                    attempt = server.attempts.get(key, 0)
+                    server.attempts[key] = attempt + 1
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    status, text, delay = server.behave(body, attempt)
+                    time.sleep(delay)
+                    payload = ({"id": "x", "object": "chat.completion",
+                                "choices": [{"index": 0, "finish_reason": "stop",
+                                             "message": {"role": "assistant", "content": text}}]}
+                               if status == 200 else {"error": {"message": text}})
+                    data = json.dumps(payload).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def hits(self) -> int:
+        return len(self.bodies)
+
+
+def _backend(server, **kw):
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("timeout", 5.0)
+    return OpenAIBackend(model="judge-test", endpoint=server.url, api_key="test-key", **kw)
+
+
+def _pairs(n, seed=0, size=8):
+    rng = np.random.default_rng(seed)
+    return ([f"prompt {i}" for i in range(n)], rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+            rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+def _decode(url: str) -> np.ndarray:
+    head, b64 = url.split(",", 1)
+    assert head == "data:image/png;base64"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def test_request_shape_with_images_and_edit_source():
+    answer = lambda body, attempt: (200, '{"rank": [2, 1], "reason": "r"}', 0.0)  # noqa: E731
+    prompts, a, b = _pairs(3)
+    src = np.full((3, 8, 8, 3), 7, np.uint8)
+    with FakeServer(answer) as srv:
+        judge = TextJudge(_backend(srv, concurrency=1), mode="pairwise")
+        out = judge.compare(prompts, a, b, rubric="Theme 1: Alignment\n- every object is present")
+        assert out.winner.tolist() == [2, 2, 2] and out.p_first.tolist() == [0.0, 0.0, 0.0]
+        body, head = srv.bodies[0], srv.headers[0]
+        assert body["model"] == "judge-test" and body["temperature"] == 0.0 and body["max_tokens"] > 0
+        assert head["Authorization"] == "Bearer test-key"
+        sys_msg, user = body["messages"]
+        assert sys_msg["role"] == "system" and "every object is present" in sys_msg["content"]
+        assert '"rank"' in sys_msg["content"]
+        kinds = [c["type"] for c in user["content"]]
+        assert kinds == ["text", "image_url", "text", "image_url"]
+        assert "Prompt: prompt 0" in user["content"][0]["text"] and "Image 1" in user["content"][0]["text"]
+        np.testing.assert_array_equal(_decode(user["content"][1]["image_url"]["url"]), a[0])
+        np.testing.assert_array_equal(_decode(user["content"][3]["image_url"]["url"]), b[0])
+        # editing: Image BASE first, every judgement refers to it
+        judge.compare(prompts[:1], a[:1], b[:1], sources=src[:1])
+        user = srv.bodies[-1]["messages"][1]["content"]
+        assert [c["type"] for c in user][:2] == ["text", "image_url"] and "Image BASE" in user[0]["text"]
+        np.testing.assert_array_equal(_decode(user[1]["image_url"]["url"]), src[0])
+        assert "Image BASE" in srv.bodies[-1]["messages"][0]["content"]
+        # large images can be capped before sending
+        TextJudge(_backend(srv, max_image_side=4)).compare(prompts[:1], a[:1], b[:1])
+        assert _decode(srv.bodies[-1]["messages"][1]["content"][1]["image_url"]["url"]).shape == (4, 4, 3)
+
+
+def test_retries_after_500s_and_gives_up_eventually():
+    flaky = lambda body, attempt: (500 if attempt < 2 else 200, '{"rank": [1, 2]}', 0.0)  # noqa: E731
+    prompts, a, b = _pairs(4)
+    with FakeServer(flaky) as srv:
+        be = _backend(srv, concurrency=2, max_retries=3)
+        out = TextJudge(be).compare(prompts, a, b)
+        assert out.winner.tolist() == [1, 1, 1, 1]
+        assert srv.hits == 12 and be.stats["retries"] == 8
+    with FakeServer(lambda body, attempt: (503, "overloaded", 0.0)) as srv:
+        be = _backend(srv, max_retries=2)
+        with pytest.raises(APIError, match="giving up after 3 attempts.*503"):
+            TextJudge(be).compare(prompts[:1], a[:1], b[:1])
+        assert srv.hits == 3
+
+
+def test_retries_after_timeouts():
+    slow_first = lambda body, attempt: (200, '{"rank": [2, 1]}', 1.0 if attempt == 0 else 0.0)  # noqa: E731
+    prompts, a, b = _pairs(2)
+    with FakeServer(slow_first) as srv:
+        be = _backend(srv, timeout=0.3, concurrency=2)
+        out = TextJudge(be).compare(prompts, a, b)
+        assert out.winner.tolist() == [2, 2]
+        assert srv.hits == 4 and be.stats["retries"] == 2
+
+
+def test_concurrency_limit_is_respected():
+    slow = lambda body, attempt: (200, '{"rank": [1, 2]}', 0.15)  # noqa: E731
+    prompts, a, b = _pairs(12)
+    with FakeServer(slow) as srv:
+        t0 = time.perf_counter()
+        TextJudge(_backend(srv, concurrency=3)).compare(prompts, a, b)
+        took = time.perf_counter() - t0
+        assert srv.max_in_flight == 3, srv.max_in_flight
+        assert took >= 4 * 0.15 * 0.9  # 12 requests, 3 at a time
+
+
+def test_cache_makes_reruns_free(tmp_path):
+    answer = lambda body, attempt: (200, f'{{"rank": [{1 + attempt % 2}, {2 - attempt % 2}]}}', 0.0)  # noqa: E731
+    prompts, a, b = _pairs(4)
+    with FakeServer(answer) as srv:
+        first = TextJudge(_backend(srv, cache_dir=tmp_path / "cache")).compare(prompts, a, b)
+        assert srv.hits == 4
+        be = _backend(srv, cache_dir=tmp_path / "cache")  # a new process would see the same
+        again = TextJudge(be).compare(prompts, a, b)
+        assert srv.hits == 4 and be.stats["cache_hits"] == 4 and be.stats["http_calls"] == 0
+        np.testing.assert_array_equal(first.winner, again.winner)
+        TextJudge(be).compare(prompts, a, b, rubric="a different prompt")  # a new request: asked
+        assert srv.hits == 8
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 8
+
+
+def test_clear_error_on_401():
+    with FakeServer(lambda body, attempt: (401, "Incorrect API key provided", 0.0)) as srv:
+        be = OpenAIBackend(model="judge-test", endpoint=srv.url, api_key="wrong", api_key_env="MY_JUDGE_KEY",
+                           backoff=0.01)
+        prompts, a, b = _pairs(3)
+        with pytest.raises(AuthenticationError) as e:
+            TextJudge(be).compare(prompts, a, b)
+        msg = str(e.value)
+        assert "401" in msg and "MY_JUDGE_KEY" in msg and "Incorrect API key" in msg
+        assert srv.hits <= 3 and be.stats["retries"] == 0  # never retried
+
+
+def test_unusable_answers_are_counted_not_fatal():
+    texts = ['{"rank": [2, 1]}', "I think they are equally good.", '{"rank": [1, 1]}', '```json\n{"rank": [1, 2],}\n```',
+             '{"reason": "no rank"}', '{"rank": [1, 2], "reason": "Image 1 has the right col']
+    pick = lambda body: int(re.search(r"prompt (\d+)", body["messages"][1]["content"][0]["text"]).group(1))  # noqa: E731
+    answer = lambda body, attempt: (200, texts[pick(body)], 0.0)  # noqa: E731
+    prompts, a, b = _pairs(len(texts))
+    with FakeServer(answer) as srv:
+        out, statuses = TextJudge(_backend(srv)).compare_with_status(prompts, a, b)
+    assert out.winner.tolist() == [2, 0, 0, 1, 0, 1]
+    assert statuses == ["ok", "no_json", "tie", "repaired", "missing_field", "repaired"]
+    assert out.failures == {"no_json": 1, "tie": 1, "missing_field": 1}
+
+
+def test_symmetrised_judge_is_one_batched_call():
+    class Biased:  # always answers "Image 1": the positional bias symmetrising removes
+        name = "biased"
+        calls = []
+
+        def generate(self, requests):
+            self.calls.append(len(requests))
+            return ['{"rank": [1, 2]}'] * len(requests)
+
+    be = Biased()
+    prompts, a, b = _pairs(5)
+    out = TextJudge(be, symmetrize="agree").compare(prompts, a, b)
+    assert be.calls == [10] and out.winner.tolist() == [0] * 5 and np.all(out.p_first == 0.5)
+    assert TextJudge(be).compare(prompts, a, b).winner.tolist() == [1] * 5
+
+
+def test_callable_backend_feeds_a_vlm_style_fn():
+    seen = []
+
+    def fn(chats):  # the shape Qwen3VLProcessor.__call__ takes: [(messages, images)]
+        seen.extend(chats)
+        return ['{"score": 4}' if "score" in msgs[0]["content"] else '{"rank": [2, 1]}' for msgs, _ in chats]
+
+    prompts, a, b = _pairs(2)
+    judge = TextJudge(CallableBackend(fn, "vlm", batch_size=1), templates=TemplateSet())
+    assert judge.compare(prompts, a, b).winner.tolist() == [2, 2]
+    msgs, images = seen[0]
+    assert msgs[0]["role"] == "system" and msgs[1]["role"] == "user"
+    assert [c["type"] for c in msgs[1]["content"]] == ["text", "image", "text", "image"]
+    assert len(images) == 2 and np.array_equal(images[0], a[0])
+    scores, st = TextJudge(CallableBackend(fn), mode="pointwise").score(prompts, a)
+    assert scores.tolist() == [4.0, 4.0] and st == ["ok", "ok"]
