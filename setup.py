@@ -32,6 +32,8 @@ TEST = [
     "diffusers==0.42.1",
     "transformers==5.24.0",
     "huggingface_hub==2.4.0",
+    "peft==0.21.2",          # diffusers load_lora_weights in the LoRA export test
+    "accelerate==1.15.0",
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
 ]

@@ -374,8 +374,8 @@ class FluxPipeline:
         if sources_u8 is not None:
             check_image_size(sources_u8.shape[1], sources_u8.shape[2], 2 * self.vae_factor,
                              what="Kontext source image")
-            height = height or sources_u8.shape[1]
-            width = width or sources_u8.shape[2]
+        default = sources_u8.shape[1:3] if sources_u8 is not None else (128 * self.vae_factor,) * 2  # diffusers: 1024
+        height, width = height or default[0], width or default[1]
         space = self.latent_space(height, width, None if sources_u8 is None else sources_u8.shape[1:3])
         cond = self.conditioning(prompts, guidance, sources_u8)
         if latents is None:
@@ -395,7 +395,7 @@ class FluxPipeline:
         """Deterministic sampling (evaluation): FluxPipeline's Euler steps and sigmas.
 
         ``latents`` (B, N, C) override ``seeds``; ``sources`` (Kontext) are uint8 (B or 1, H, W, 3);
-        height/width default to the source size (Kontext).
+        height/width default to the source size (Kontext), else to 1024 as in diffusers.
         """
         space, cond, x = self._prepare(prompts, height, width, guidance, sources, seeds, latents)
         sigmas, timesteps = flux_sigmas(num_steps, space.num_tokens, self.snap.scheduler)
