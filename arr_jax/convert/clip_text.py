@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arr_jax.convert.safetensors_io import SafetensorsCheckpoint, load_into_model
+from arr_jax.convert.safetensors_io import SafetensorsCheckpoint, load_abstract, weights_path
 from arr_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from arr_jax.sharding import ShardingRules, param_shardings
+from arr_jax.sharding import ShardingRules
 
 
 def read_clip_text_config(path: str | Path) -> CLIPTextConfig:
@@ -38,12 +38,6 @@ def read_clip_text_config(path: str | Path) -> CLIPTextConfig:
     except (ValueError, KeyError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
 
-
-def _weights(path: Path) -> Path:
-    for name in ("model.safetensors.index.json", "model.safetensors"):
-        if (path / name).exists():
-            return path if name.endswith(".json") else path / name
-    return path
 
 
 def clip_text_key_map(hf_key: str):
@@ -67,10 +61,6 @@ def load_clip_text(path: str | Path, dtype: Any = jnp.float32,
     """Load a ``CLIPTextModel`` directory (e.g. FLUX's text_encoder/) into `CLIPTextModel`."""
     path = Path(path)
     cfg = read_clip_text_config(path)
-    ckpt = SafetensorsCheckpoint(_weights(path))
-    model = nnx.eval_shape(lambda: CLIPTextModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), rules=rules))
-    shardings = None
-    if rules is not None and rules.mesh is not None:
-        shardings = param_shardings(nnx.state(model, nnx.Param), rules)
-    load_into_model(model, ckpt, clip_text_key_map, shardings=shardings)
-    return model
+    ckpt = SafetensorsCheckpoint(weights_path(path, "model"))
+    return load_abstract(lambda: CLIPTextModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), rules=rules), ckpt,
+                         clip_text_key_map, rules)

@@ -220,3 +220,28 @@ def load_into_model(model, checkpoint: SafetensorsCheckpoint, key_map: KeyMap, *
         raise CheckpointFormatError(f"weights in {files} do not fit the model:\n" + "\n".join(problems))
     nnx.update(model, state)
     return {"loaded": len(filled), "skipped": skipped}
+
+
+def weights_path(directory: str | os.PathLike, stem: str) -> Path:
+    """``stem.safetensors.index.json`` or ``stem.safetensors`` in ``directory`` (full precision,
+    ignoring ``*.fp16.*`` variants beside them); the directory itself if neither exists."""
+    directory = Path(directory)
+    index, single = directory / f"{stem}.safetensors.index.json", directory / f"{stem}.safetensors"
+    if index.exists():
+        return directory
+    return single if single.exists() else directory
+
+
+def load_abstract(build: Callable[[], Any], checkpoint: SafetensorsCheckpoint, key_map: KeyMap, rules=None):
+    """Build a model abstractly (``nnx.eval_shape(build)``: no host copy of the weights) and fill it
+    from ``checkpoint``, each tensor placed on its shards when ``rules`` has a mesh."""
+    from flax import nnx
+
+    from arr_jax.sharding import param_shardings
+
+    model = nnx.eval_shape(build)
+    shardings = None
+    if rules is not None and rules.mesh is not None:
+        shardings = param_shardings(nnx.state(model, nnx.Param), rules)
+    load_into_model(model, checkpoint, key_map, shardings=shardings)
+    return model

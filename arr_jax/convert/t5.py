@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arr_jax.convert.safetensors_io import SafetensorsCheckpoint, load_into_model
+from arr_jax.convert.safetensors_io import SafetensorsCheckpoint, load_abstract, weights_path
 from arr_jax.models.t5 import T5Encoder, T5EncoderConfig
-from arr_jax.sharding import ShardingRules, param_shardings
+from arr_jax.sharding import ShardingRules
 
 
 def read_t5_config(path: str | Path) -> T5EncoderConfig:
@@ -37,12 +37,6 @@ def read_t5_config(path: str | Path) -> T5EncoderConfig:
     except (ValueError, KeyError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
 
-
-def _weights(path: Path) -> Path:
-    for name in ("model.safetensors.index.json", "model.safetensors"):
-        if (path / name).exists():
-            return path if name.endswith(".json") else path / name
-    return path
 
 
 def make_t5_key_map(keys: set[str]):
@@ -71,10 +65,6 @@ def load_t5_encoder(path: str | Path, dtype: Any = jnp.float32, rules: ShardingR
     """Load a ``T5EncoderModel`` directory (e.g. FLUX's text_encoder_2/) into `T5Encoder`."""
     path = Path(path)
     cfg = read_t5_config(path)
-    ckpt = SafetensorsCheckpoint(_weights(path))
-    model = nnx.eval_shape(lambda: T5Encoder(cfg, dtype=dtype, rngs=nnx.Rngs(0), rules=rules))
-    shardings = None
-    if rules is not None and rules.mesh is not None:
-        shardings = param_shardings(nnx.state(model, nnx.Param), rules)
-    load_into_model(model, ckpt, make_t5_key_map(set(ckpt.keys())), shardings=shardings)
-    return model
+    ckpt = SafetensorsCheckpoint(weights_path(path, "model"))
+    return load_abstract(lambda: T5Encoder(cfg, dtype=dtype, rngs=nnx.Rngs(0), rules=rules), ckpt,
+                         make_t5_key_map(set(ckpt.keys())), rules)

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arr_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsCheckpoint, load_into_model
+from arr_jax.convert.safetensors_io import CheckpointFormatError, SafetensorsCheckpoint, load_abstract, weights_path
 from arr_jax.models.vae import AutoencoderKL, VAEConfig
-from arr_jax.sharding import ShardingRules, param_shardings
+from arr_jax.sharding import ShardingRules
 
 _OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -38,13 +38,6 @@ def read_vae_config(path: str | Path) -> VAEConfig:
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from None
 
-
-def _weights(path: Path) -> Path:
-    """The full-precision weight file (a snapshot may also hold ``*.fp16.safetensors`` variants)."""
-    for name in ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"):
-        if (path / name).exists():
-            return path if name.endswith(".json") else path / name
-    return path
 
 
 def vae_key_map(hf_key: str):
@@ -86,9 +79,6 @@ def load_vae(path: str | Path, dtype: Any = jnp.float32, rules: ShardingRules | 
     With ``rules`` carrying a mesh, every tensor goes straight to its sharded devices.
     """
     cfg = read_vae_config(path)
-    model = nnx.eval_shape(lambda: AutoencoderKL(cfg, dtype=dtype, rngs=nnx.Rngs(0), rules=rules))
-    shardings = None
-    if rules is not None and rules.mesh is not None:
-        shardings = param_shardings(nnx.state(model, nnx.Param), rules)
-    load_into_model(model, SafetensorsCheckpoint(_weights(Path(path))), vae_key_map, shardings=shardings)
-    return model
+    ckpt = SafetensorsCheckpoint(weights_path(path, "diffusion_pytorch_model"))
+    return load_abstract(lambda: AutoencoderKL(cfg, dtype=dtype, rngs=nnx.Rngs(0), rules=rules), ckpt,
+                         vae_key_map, rules)
