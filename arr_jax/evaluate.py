@@ -30,7 +30,7 @@ def make_judge(cfg):
         return WorldJudge()
     j = cfg.judge
     return TextJudge(make_backend(cfg.backend), mode=j.mode, templates=TemplateSet(j.templates_dir or None),
-                     task_description=j.task_description or None)
+                     task_description=j.task_description or None, choice_scores=j.get("choice_scores", False))
 
 
 def run(cfg) -> dict:

@@ -22,11 +22,13 @@ from arr_jax.judge.templates import TemplateSet
 # Backend settings that change what the model answers (others, e.g. timeouts, do not).
 _ANSWER_KEYS = {"openai": ("model", "endpoint", "temperature", "max_tokens", "token_param", "image_format",
                            "max_image_side"),
-                "world": ("default_criteria", "tie_break")}
+                "world": ("default_criteria", "tie_break"),
+                "qwen3_vl": ("model_dir", "dtype", "max_new_tokens", "temperature", "top_p", "seed")}
 
 
 def make_backend(b):
-    """A TextBackend from ``config.backend`` (kind "world" or "openai")."""
+    """A TextBackend from ``config.backend`` (kind "world", "openai" or "qwen3_vl": the Flax
+    judge on a local Hugging Face snapshot, `arr_jax.judge.vlm_backend.FlaxVLMBackend`)."""
     if b.kind == "world":
         from arr_jax.world.arr_backend import WorldBackend
 
@@ -40,7 +42,19 @@ def make_backend(b):
                              concurrency=o.concurrency, cache_dir=o.cache_dir or None, temperature=o.temperature,
                              max_tokens=o.max_tokens or None, token_param=o.token_param,
                              image_format=o.image_format, max_image_side=o.max_image_side or None)
-    raise ValueError(f"bad config value backend.kind: {b.kind!r} (expected 'world' or 'openai')")
+    if b.kind == "qwen3_vl":
+        from arr_jax.judge.vlm_backend import FlaxVLMBackend
+
+        q = b.qwen3_vl
+        if not q.model_dir:
+            raise ValueError("bad config value backend.qwen3_vl.model_dir: empty (a local Qwen3-VL snapshot "
+                             "directory is needed for kind 'qwen3_vl')")
+        return FlaxVLMBackend.from_snapshot(
+            q.model_dir, q.dtype, max_new_tokens=q.max_new_tokens, temperature=q.temperature, top_p=q.top_p,
+            seed=q.seed, batch_size=q.batch_size, seq_bucket=q.seq_bucket or None,
+            patch_bucket=q.patch_bucket or None, image_bucket=q.image_bucket or None,
+            max_length=q.max_length or None)
+    raise ValueError(f"bad config value backend.kind: {b.kind!r} (expected 'world', 'openai' or 'qwen3_vl')")
 
 
 def backend_identity(b) -> dict:
@@ -113,7 +127,12 @@ def run(cfg) -> RubricFile:
 
 def main(argv):
     del argv
-    run(cli.config_from_flags())
+    from arr_jax.arr.induction import NoVerifiedRubricsError
+
+    try:
+        run(cli.config_from_flags())
+    except NoVerifiedRubricsError as e:  # a defined outcome, not a crash: the journal keeps every answer
+        raise SystemExit(f"induction produced no rubric file: {e}") from None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
     python -m arr_jax.evaluate --config configs/evaluate_world.py
 
 Variants: "" (500 held-out pairs), "tiny" (100), "api" (an OpenAI-compatible judge on a local
-JSONL test set; set backend.openai.model, data.path and rubric).
+JSONL test set; set backend.openai.model, data.path and rubric), "qwen3_vl" (the Flax Qwen3-VL
+judge; set backend.qwen3_vl.model_dir; judge.choice_scores=True reads P(image 1) from the rank
+token's logits instead of decoding an answer).
 """
 import importlib.util
 from pathlib import Path
@@ -30,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.progress = True
     c.data = data_config(split="heldout", n_pairs=500, seed=1)
     c.backend = backend_config()   # kind "world_programmatic" = WorldJudge itself (reference)
-    c.judge = ml_collections.ConfigDict(dict(mode="pairwise", task_description="", templates_dir=""))
+    c.judge = ml_collections.ConfigDict(dict(mode="pairwise", task_description="", templates_dir="",
+                                             choice_scores=False))  # backend p_first (qwen3_vl) instead of text
     c.rubric = "runs/arr_world/rubric.txt"
     c.conditions = ("direct", "rubric")
     c.batch_size = 64
@@ -43,6 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data = data_config(kind="jsonl", tfds_split="test")
         c.backend.kind = "openai"
         c.batch_size = 32
+    elif arg == "qwen3_vl":
+        c.workdir = "runs/arr_qwen3_vl_eval"
+        c.backend.kind = "qwen3_vl"
+        c.rubric = "runs/arr_qwen3_vl/rubric.txt"
+        c.batch_size = 16
     elif arg not in (None, "", "default"):
-        raise ValueError(f"unknown evaluate_world variant {arg!r}; use '', 'tiny' or 'api'")
+        raise ValueError(f"unknown evaluate_world variant {arg!r}; use '', 'tiny', 'api' or 'qwen3_vl'")
     return c

@@ -3,7 +3,8 @@
     python -m arr_jax.induce --config configs/induce_world.py
 
 Variants: "" (default), "tiny" (the test size: 50 pairs), "api" (an OpenAI-compatible model
-over local JSONL pairs; set backend.openai.model and data.path).
+over local JSONL pairs; set backend.openai.model and data.path), "qwen3_vl" (the Flax Qwen3-VL
+judge on a local snapshot; set backend.qwen3_vl.model_dir).
 
 Departures from the paper's defaults (SPEC §1), for the world only: K = 2 rubrics per pair
 (the world has five criteria; at K = 5 the first pass names them all and nothing is ever
@@ -27,11 +28,15 @@ def data_config(**kw) -> ml_collections.ConfigDict:
 
 def backend_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        kind="world",          # "world" | "openai"
+        kind="world",          # "world" | "openai" | "qwen3_vl"
         world=dict(default_criteria=("colour", "shape"), tie_break="first"),
         openai=dict(model="", endpoint="", api_key_env="OPENAI_API_KEY", timeout=120.0, max_retries=5,
                     backoff=1.0, concurrency=8, cache_dir="runs/api_cache", temperature=0.0, max_tokens=0,
                     token_param="max_tokens", image_format="png", max_image_side=0),  # 0 = as is
+        # the Flax judge (arr_jax.judge.vlm_backend): a local HF snapshot, e.g. Qwen3-VL-8B-Instruct
+        qwen3_vl=dict(model_dir="", dtype="bfloat16", max_new_tokens=1024, temperature=0.0, top_p=1.0, seed=0,
+                      batch_size=8, seq_bucket=256, patch_bucket=256, image_bucket=2,
+                      max_length=0),  # 0 = the model's max_position_embeddings
     ))
 
 
@@ -58,6 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data = data_config(kind="jsonl")
         c.backend.kind = "openai"
         c.induction.k = 5
+    elif arg == "qwen3_vl":
+        c.workdir = "runs/arr_qwen3_vl"
+        c.backend.kind = "qwen3_vl"
+        c.induction.k = 5
+        c.induction.batch_pairs = 8
     elif arg not in (None, "", "default"):
-        raise ValueError(f"unknown induce_world variant {arg!r}; use '', 'tiny' or 'api'")
+        raise ValueError(f"unknown induce_world variant {arg!r}; use '', 'tiny', 'api' or 'qwen3_vl'")
     return c

@@ -70,6 +70,10 @@ class GuideExemplar:
     rationale: str
 
 
+
+class NoVerifiedRubricsError(RuntimeError):
+    """No pair's rubrics survived verification (e.g. a judge whose output never parses)."""
+
 def load_guide(path: str | os.PathLike) -> list[GuideExemplar]:
     """Exemplars from a JSONL file of {"prompt", "preferred", "rejected", "rationale"}
     (preferred / rejected describe the two images in words)."""
@@ -322,7 +326,7 @@ def induce(pairs: Sequence[PreferencePair], backend: TextBackend, workdir: str |
     recs = [done[pid] for pid in ids]
     kept = [r for r in recs if r["status"] != "discarded"]
     if not kept:
-        raise RuntimeError(f"every one of the {len(recs)} pairs was discarded; nothing to structure "
+        raise NoVerifiedRubricsError(f"every one of the {len(recs)} pairs was discarded; nothing to structure "
                            f"(see {journal.path})")
     themes, structure_status, st_statuses = inducer.structure(kept)
     n = len(recs)

@@ -209,8 +209,9 @@ class Decoder:
     already be placed (e.g. by `arr_jax.convert.qwen3_vl.load_qwen3_vl` with the same rules).
     """
 
-    def __init__(self, model, rules: ShardingRules | None = None, cache_dtype=None):
+    def __init__(self, model, rules: ShardingRules | None = None, cache_dtype=None, max_length: int | None = None):
         self.cfg = model.cfg
+        self.max_length = max_length
         self.graphdef, self.state = nnx.split(model)
         self.rules = rules
         self.cache_dtype = cache_dtype or model.model.language_model.embed_tokens.embedding.dtype
@@ -219,6 +220,36 @@ class Decoder:
         self._generate = jax.jit(functools.partial(generate_loop, gd), donate_argnums=(2,),
                                  static_argnames=("max_new_tokens", "pad_id", "temperature", "top_p"))
         self._choices = jax.jit(functools.partial(choice_logprobs, gd))
+
+    @property
+    def context_limit(self) -> tuple[int, str]:
+        """``(tokens, where it comes from)``: the most prompt + generated tokens a row may hold, the
+        text config's ``max_position_embeddings`` or the smaller ``max_length`` given here."""
+        limit = int(self.cfg.text.max_position_embeddings)
+        if self.max_length is not None and self.max_length < limit:
+            return int(self.max_length), "the configured max_length"
+        return limit, "the text config's max_position_embeddings"
+
+    def check_length(self, prompt_lengths, new_tokens: int) -> None:
+        """Raise a ValueError naming the rows, lengths and limit when a prompt of ``prompt_lengths``
+        tokens plus ``new_tokens`` does not fit in `context_limit`."""
+        limit, where = self.context_limit
+        lengths = np.asarray(prompt_lengths).reshape(-1)
+        bad = np.flatnonzero(lengths + new_tokens > limit)
+        if len(bad):
+            i = int(bad[np.argmax(lengths[bad])])
+            raise ValueError(
+                f"prompt too long: row {i} has {int(lengths[i])} prompt tokens + {new_tokens} new tokens = "
+                f"{int(lengths[i]) + new_tokens} > {limit}, {where}"
+                + (f" ({len(bad)} of {len(lengths)} rows too long: {bad.tolist()[:8]})" if len(bad) > 1 else ""))
+
+    @staticmethod
+    def _prompt_lengths(inputs: dict[str, Any]) -> np.ndarray:
+        am = inputs.get("attention_mask")
+        if am is None:
+            ids = np.asarray(inputs["input_ids"])
+            return np.full(ids.shape[0], ids.shape[1])
+        return (np.asarray(am) > 0).sum(-1)
 
     def _put(self, inputs: dict[str, Any]) -> dict[str, Array]:
         out = {}
@@ -238,13 +269,17 @@ class Decoder:
 
     def prefill(self, inputs: dict[str, Any], max_len: int) -> tuple[Array, KVCache]:
         b = np.asarray(inputs["input_ids"]).shape[0]
+        self.check_length(self._prompt_lengths(inputs), 0)
         cache = init_cache(self.cfg, b, max_len, self.cache_dtype, self.rules)
         return self._prefill(self.state, self._put(inputs), cache)
 
     def generate(self, inputs: dict[str, Any], *, max_new_tokens: int, stop_tokens: Sequence[int] = (),
                  pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  return_lengths: bool = False):
-        """Tokens ``(B, max_new_tokens)`` (numpy) generated after each prompt (left-padded batch)."""
+        """Tokens ``(B, max_new_tokens)`` (numpy) generated after each prompt (left-padded batch).
+
+        A prompt whose tokens plus ``max_new_tokens`` exceed `context_limit` is a ValueError."""
+        self.check_length(self._prompt_lengths(inputs), int(max_new_tokens))
         s = np.asarray(inputs["input_ids"]).shape[1]
         logits, cache = self.prefill(inputs, s + max_new_tokens)
         stops = np.full((max(len(stop_tokens), 1) + 3) // 4 * 4, -1, np.int32)  # bucketed: few recompiles
@@ -256,5 +291,7 @@ class Decoder:
         return (toks, np.asarray(lengths)) if return_lengths else toks
 
     def score_choices(self, inputs: dict[str, Any], candidate_ids: Sequence[int]) -> np.ndarray:
-        """Log-probs ``(B, C)`` of each single-token candidate as the next token after each prompt."""
+        """Log-probs ``(B, C)`` of each single-token candidate as the next token after each prompt
+        (the candidate needs one position too: a prompt must leave room for one token)."""
+        self.check_length(self._prompt_lengths(inputs), 1)
         return np.asarray(self._choices(self.state, self._put(inputs), jnp.asarray(candidate_ids, jnp.int32)))

@@ -246,17 +246,37 @@ class Qwen3VLProcessor:
 
     def __call__(self, chats: Sequence[tuple[Sequence[dict[str, Any]], Sequence[Any]]], *,
                  seq_bucket: int | None = 64, patch_bucket: int | None = 256, image_bucket: int | None = 2,
-                 add_generation_prompt: bool = True) -> dict[str, np.ndarray]:
+                 add_generation_prompt: bool = True, assistant_prefix: str = "",
+                 max_length: int | None = None, limit_note: str = "",
+                 names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """A left-padded batch for the model from ``[(messages, images), ...]``.
+
+        ``assistant_prefix`` is appended after the generation prompt (the start of the answer, e.g.
+        ``'{"rank": ['`` to score the next token). A chat longer than ``max_length`` tokens (default:
+        the text config's ``max_position_embeddings``) is a ValueError naming it, its length and
+        the limit (``limit_note`` says where the limit comes from); ``names`` label the chats in
+        such errors and in image decoding errors (default "chat <index>").
 
         Returns the dict of `arr_jax.models.qwen3_vl.prepare_inputs` (``input_ids``,
         ``attention_mask``, ``positions``, image arrays ...), padded to the buckets.
         """
         if self.model_cfg is None:
             raise ValueError("the processor needs the model config (build it with from_dir on a snapshot)")
+        if max_length is None:
+            max_length = self.model_cfg.text.max_position_embeddings
+            limit_note = limit_note or "the text config's max_position_embeddings"
         seqs, pats, grids = [], [], []
-        for messages, images in chats:
-            ids, p, g = self.encode(self.format_chat(messages, add_generation_prompt), images)
+        for i, (messages, images) in enumerate(chats):
+            name = names[i] if names is not None else f"chat {i}"
+            try:
+                ids, p, g = self.encode(self.format_chat(messages, add_generation_prompt) + assistant_prefix, images)
+            except ImageDecodeError as e:
+                raise ImageDecodeError(f"{name}: {e}") from None
+            if len(ids) > max_length:
+                n_img = sum(t == self.image_token_id for t in ids)
+                raise ValueError(f"prompt too long: {name} is {len(ids)} tokens ({n_img} of them image tokens, "
+                                 f"{len(images)} images), more than the limit of {max_length}"
+                                 + (f" ({limit_note})" if limit_note else ""))
             seqs.append(ids)
             pats.append(p)
             grids.append(g)

@@ -15,6 +15,9 @@ batched ``fn(chats) -> texts`` where ``chats = [(messages, images), ...]`` is ex
 (a 1-5 score per image; higher wins), "listwise" (ranks over N images; `rank` gives rewards
 ``1 - 1.1 (k-1)/(N-1)``). ``symmetrize`` ("agree" / "mean") judges both orders in one batched
 backend call and combines them (SPEC §1.7). Unusable answers give a tie (winner 0, p 0.5).
+``choice_scores=True`` (pairwise only) takes P(image 1) from a backend's ``p_first(requests)``
+(e.g. `arr_jax.judge.vlm_backend.FlaxVLMBackend`: one prefill, the logits of the rank token)
+instead of generating and parsing an answer; the winner is then the side with p > 0.5.
 ``PairwiseBatch.failures`` counts every parse status except ok / repaired (so ties and prose
 fallbacks are counted too); ``compare_with_status`` gives the per-pair statuses.
 """
@@ -27,7 +30,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from arr_jax.judge import parsing
-from arr_jax.judge.base import PairwiseBatch, combine_orders, flip
+from arr_jax.judge.base import PairwiseBatch, combine_orders, flip, winner_from_p
 from arr_jax.judge.templates import TASK_DESCRIPTIONS, ChatRequest, TemplateSet
 
 MODES = ("pairwise", "pointwise", "listwise")
@@ -85,21 +88,27 @@ class TextJudge:
         template name for pairwise requests (induction verifies with "verify").
       task_description: text for the judge prompt; default by task (T2I / editing).
       symmetrize: None, "agree" or "mean": ``compare`` judges both orders and combines them.
+      choice_scores: pairwise only; P(image 1) from ``backend.p_first(requests)`` (no decoding).
     """
 
     def __init__(self, backend: TextBackend, mode: str = "pairwise", templates: TemplateSet | None = None,
                  template: str | None = None, task_description: str | None = None,
-                 symmetrize: str | None = None):
+                 symmetrize: str | None = None, choice_scores: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown judge mode {mode!r}; expected one of {MODES}")
         if symmetrize not in (None, "", "agree", "mean"):
             raise ValueError(f"unknown symmetrize {symmetrize!r}; expected None, 'agree' or 'mean'")
+        if choice_scores and (mode != "pairwise" or not callable(getattr(backend, "p_first", None))):
+            raise ValueError(f"choice_scores needs mode 'pairwise' (got {mode!r}) and a backend with p_first "
+                             f"({backend.name} has {'one' if hasattr(backend, 'p_first') else 'none'})")
+        self.choice_scores = bool(choice_scores)
         self.backend, self.mode = backend, mode
         self.templates = templates or TemplateSet()
         self.template = template or mode
         self.task_description = task_description
         self.symmetrize = symmetrize or None
-        self.name = f"text/{mode}:{backend.name}" + (f"/sym-{self.symmetrize}" if self.symmetrize else "")
+        self.name = (f"text/{mode}:{backend.name}" + ("/p_first" if self.choice_scores else "")
+                     + (f"/sym-{self.symmetrize}" if self.symmetrize else ""))
 
     def _fields(self, rubric: str | None, edit: bool) -> dict:
         desc = self.task_description or TASK_DESCRIPTIONS["edit" if edit else "t2i"]
@@ -173,16 +182,28 @@ class TextJudge:
         fails = {k: v for k, v in Counter(statuses).items() if k not in (parsing.OK, parsing.REPAIRED)}
         return PairwiseBatch(winner=winner, p_first=p, failures=fails, reasons=reasons), statuses
 
+    def _run(self, reqs: list[ChatRequest], b: int, parts: int = 1) -> list[tuple[PairwiseBatch, list[str]]]:
+        """One backend call for ``parts`` consecutive blocks of requests about B pairs each."""
+        if self.choice_scores:
+            p = np.asarray(self.backend.p_first(reqs), np.float32).reshape(parts, b)
+            out = []
+            for q in p:
+                w = winner_from_p(q)
+                why = [f"P(Image 1 ranks first) = {x:.4f}" for x in q]
+                status = [parsing.OK if x else parsing.TIE for x in w]
+                out.append((PairwiseBatch(winner=w, p_first=q, reasons=why), status))
+            return out
+        texts = self.backend.generate(reqs)
+        n = len(reqs) // parts
+        return [self._decode(texts[k * n:(k + 1) * n], b) for k in range(parts)]
+
     def compare_orders(self, prompts, images1, images2, rubric=None, sources=None):
         """Both orders in one backend call: (fwd batch, swapped batch flipped back to the
         (images1, images2) numbering, fwd statuses, swapped statuses)."""
         b = len(prompts)
         reqs = self.pair_requests(prompts, images1, images2, rubric, sources, {"order": "fwd"})
         reqs += self.pair_requests(prompts, images2, images1, rubric, sources, {"order": "rev"})
-        texts = self.backend.generate(reqs)
-        half = len(reqs) // 2
-        fwd, sf = self._decode(texts[:half], b)
-        rev, sr = self._decode(texts[half:], b)
+        (fwd, sf), (rev, sr) = self._run(reqs, b, 2)
         return fwd, flip(rev), sf, sr
 
     def compare_with_status(self, prompts, images1, images2, rubric=None, sources=None):
@@ -191,8 +212,7 @@ class TextJudge:
             fwd, rev, sf, sr = self.compare_orders(prompts, images1, images2, rubric, sources)
             worst = [a if a not in parsing.USABLE else b for a, b in zip(sf, sr)]
             return combine_orders(fwd, rev, self.symmetrize), worst
-        texts = self.backend.generate(self.pair_requests(prompts, images1, images2, rubric, sources))
-        return self._decode(texts, len(prompts))
+        return self._run(self.pair_requests(prompts, images1, images2, rubric, sources), len(prompts))[0]
 
     def compare(self, prompts: Sequence[str], images1, images2, rubric: str | None = None,
                 sources=None) -> PairwiseBatch:

@@ -47,6 +47,7 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     attention_bias: bool = False
     hidden_act: str = "silu"
+    max_position_embeddings: int = 262144  # the context limit: prompt + generated tokens
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "TextConfig":
@@ -67,6 +68,7 @@ class TextConfig:
             rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 5_000_000.0))),
             mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
             attention_bias=bool(d.get("attention_bias", False)),
+            max_position_embeddings=int(d.get("max_position_embeddings") or 262144),
         )
 
 

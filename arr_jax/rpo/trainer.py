@@ -111,6 +111,10 @@ class RPOTrainer:
         from arr_jax.nn.lora import LoRAParam
 
         has_lora = any(True for _ in jax.tree.leaves(nnx.state(model, LoRAParam)))
+        if trainable not in (None, "lora", "full"):
+            raise ValueError(f"trainable must be 'lora', 'full' or None (auto), got {trainable!r}")
+        if trainable == "lora" and not has_lora:
+            raise ValueError("trainable='lora' but the model has no LoRA adapters (set a LoRAConfig)")
         self.mode = "lora" if (trainable is None and has_lora) or trainable == "lora" else "full"
         filt = LoRAParam if self.mode == "lora" else nnx.Param
         self.graphdef, tr, fr = nnx.split(model, filt, ...)
