@@ -114,36 +114,36 @@ def test_induction_and_evaluation_through_entry_points(tmp_path):
     from arr_jax import induce as induce_main
     from arr_jax.judge import parsing
 
-    # induction on 4 labelled world pairs: the random model's rubrics never parse, so every pair is
+    # induction on 50 labelled world pairs: the random model's rubrics never parse, so every pair is
     # refined T_max times and discarded, each answer recorded as a parse failure in the journal
     ic = qwen_backend_config(config("induce_world", "qwen3_vl"))
     ic.workdir = str(tmp_path / "induce")
-    ic.data.n_pairs, ic.data.label_noise = 4, 0.0
-    ic.induction.k, ic.induction.t_max, ic.induction.batch_pairs = 2, 1, 4
-    with pytest.raises(RuntimeError, match="every one of the 4 pairs was discarded"):
+    ic.data.n_pairs, ic.data.label_noise = 50, 0.0
+    ic.induction.k, ic.induction.t_max, ic.induction.batch_pairs = 2, 1, 25
+    with pytest.raises(RuntimeError, match="every one of the 50 pairs was discarded"):
         induce_main.run(ic)
     journal = [json.loads(x) for x in (Path(ic.workdir) / "journal.jsonl").read_text().splitlines()[1:]]
-    assert len(journal) == 4 and all(r["status"] == "discarded" for r in journal)
+    assert len(journal) == 50 and all(r["status"] == "discarded" for r in journal)
     for r in journal:
         assert r["calls"] == {"generate": 1, "refine": 1}     # nothing readable to verify
         assert sum(r["statuses"].values()) == 2
         assert all(k.split(":")[1] in parsing.FAILURES for k in r["statuses"]), r["statuses"]
         assert [h["task"] for h in r["history"]] == ["generate", "refine"]
 
-    # evaluation on 24 held-out pairs, with and without a rubric: junk answers are parse failures
+    # evaluation on 500 held-out pairs, with and without a rubric: junk answers are parse failures
     ec = qwen_backend_config(config("evaluate_world", "qwen3_vl"))
     ec.workdir = str(tmp_path / "eval")
-    ec.data.n_pairs, ec.batch_size = 24, 8
+    ec.data.n_pairs, ec.batch_size = 500, 50
     ec.rubric = str(tmp_path / "rubric.txt")
     Path(ec.rubric).write_text(RUBRIC)
     rep = evaluate_main.run(ec)
-    assert rep["n_pairs"] == 24 and rep["backend"]["kind"] == "qwen3_vl" and "qwen3_vl" in rep["judge"]
+    assert rep["n_pairs"] == 500 and rep["backend"]["kind"] == "qwen3_vl" and "qwen3_vl" in rep["judge"]
     assert set(rep["conditions"]) == {"direct", "rubric"}
     for cond, res in rep["conditions"].items():
         m = res["overall"]
         assert m["parse_fail_fwd"] > 0 and m["parse_fail_rev"] > 0, (cond, res["statuses"])
         assert 0 <= m["acc_fwd"] <= 1 and 0 <= m["acc_rev"] <= 1
-        assert sum(res["statuses"]["fwd"].values()) == 24
+        assert sum(res["statuses"]["fwd"].values()) == 500
     assert (Path(ec.workdir) / "report.json").exists() and (Path(ec.workdir) / "report.md").exists()
 
     # the same evaluation reading P(image 1) from the rank token: no parsing, so no parse failures
