@@ -23,8 +23,8 @@ from arr_jax.world.evaluate import criteria_table, paired_comparison, save_curve
 from arr_jax.world.judge import WorldJudge
 from arr_jax.world.policy import PixelSpace, PromptEncoder, WorldPolicy, load_base
 
-CURVE_KEYS = ("reward_mean", "criteria/colour", "criteria/shape", "criteria/count", "criteria/position",
-              "tie_rate", "win_rate_vs_base", "kl", "clip_frac", "ratio_std")
+CURVE_KEYS = ("criteria_satisfied", "win_rate_vs_base", "criteria/colour", "criteria/shape", "criteria/count",
+              "criteria/position", "probe_accuracy", "tie_rate", "kl", "clip_frac")
 
 
 def build_trainer(cfg, judge=None) -> tuple[RPOTrainer, dict]:
@@ -111,12 +111,20 @@ def run(cfg) -> dict:
         "rpo_settings": cfg.rpo.to_dict(), "departures_from_paper": list(cfg.rpo.departures),
         "base_policy": {k2: base_info.get(k2) for k2 in ("seed", "steps", "final_loss")},
         "counters": dict(trainer.counters),
+        "best_iteration": (history[-1].get("best_iteration") if history else None),
+        "quality_check": {  # held-out, not part of the reward
+            "name": "clean_background", "base": base_sum["criteria/clean_background"],
+            "rpo": rpo_sum["criteria/clean_background"], "change": cmp["gain/clean_background"],
+            "change_se": cmp["gain_se/clean_background"]},
         "last_metrics": history[-1] if history else {},
     }
     (work / "report.json").write_text(json.dumps(report, indent=2, default=float))
     print(f"wrote {work / 'report.json'}, {work / 'reward_curve.png'}, {work / 'before_after.png'}")
-    print(f"clean background (not rewarded): base {base_sum['criteria/clean_background']:.3f} -> "
-          f"RPO {rpo_sum['criteria/clean_background']:.3f}")
+    print(f"clean background (held-out quality check, not rewarded): base "
+          f"{base_sum['criteria/clean_background']:.3f} -> RPO {rpo_sum['criteria/clean_background']:.3f} "
+          f"({100 * cmp['gain/clean_background']:+.1f} ± {100 * cmp['gain_se/clean_background']:.1f} points)")
+    print("per criterion: " + ", ".join(f"{c} {100 * cmp[f'gain/{c}']:+.1f}" for c in
+                                        ("colour", "shape", "count", "position")))
     print(f"gain {100 * cmp['gain']:+.1f} points ± {100 * cmp['gain_se']:.1f} (paired SE, n={cmp['n_images']})")
     print(f"base_accuracy {base_sum['accuracy']:.4f}")
     print(f"rpo_accuracy  {rpo_sum['accuracy']:.4f}")

@@ -118,3 +118,30 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="transformer_blocks"):
         Checkpointer(tmp_path / "ck").restore(b.state_dict())
     jax.clear_caches()
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end_report_pictures_and_keep_best(tiny_base):
+    """The demo's whole path at the tiny size: report fields, pictures, probe-best weights."""
+    import json
+
+    work = tiny_base / "demo"
+    r = subprocess.run(_cmd("arr_jax.demo", tiny_base, f"--config.workdir={work}", "--config.rpo.iterations=3",
+                            "--config.rpo.eval_every=1", "--config.rpo.keep_best=True"),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-2].startswith("base_accuracy") and lines[-1].startswith("rpo_accuracy")
+    assert "keep_best: using the weights after iteration" in r.stdout
+    rep = json.loads((work / "report.json").read_text())
+    for k in ("base_accuracy", "rpo_accuracy", "steps", "seconds", "gain", "gain_se", "best_iteration"):
+        assert k in rep, k
+    assert rep["steps"] == 3 and rep["n_images"] == 8
+    assert {"gain/colour", "gain_se/colour", "gain/clean_background"} <= set(rep["paired"])
+    assert (work / "reward_curve.png").stat().st_size > 0 and (work / "before_after.png").stat().st_size > 0
+    # The run ends on the probe-best weights, which are stored in workdir/best.
+    best = Checkpointer(work / "best")
+    flat, extra = best.restore()
+    assert extra["iteration"] == rep["best_iteration"] and 1 <= extra["iteration"] <= 3
+    hist = json.loads(json.dumps(rep["last_metrics"]))
+    assert hist["best_iteration"] == extra["iteration"]
