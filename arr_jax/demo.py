@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
 from arr_jax.nn.lora import LoRAConfig
@@ -96,7 +97,8 @@ def run(cfg) -> dict:
     n_show = min(cfg.eval.grid_prompts, cfg.eval.num_prompts)
     per = min(k, 6)
     rows, labels = [], []
-    for i in range(n_show):
+    n_prompts = len(ev_prompts) // k
+    for i in np.linspace(0, n_prompts - 1, n_show).round().astype(int):  # spread over all colours/counts
         rows += [base_imgs[i * k: i * k + per], rpo_imgs[i * k: i * k + per]]
         labels += [f"{ev_prompts[i * k]}\nbase", "RPO"]
     save_grid(work / "before_after.png", rows, labels,
