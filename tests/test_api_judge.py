@@ -44,9 +44,15 @@ class FakeServer:
                     server.attempts[key] = attempt + 1
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                counted = True
                 try:
                     status, text, delay = server.behave(body, attempt)
                     time.sleep(delay)
+                    # Done before the reply goes out: once the client has the reply it may send its
+                    # next request at once, which must not be counted alongside this one.
+                    with server.lock:
+                        server.in_flight -= 1
+                        counted = False
                     payload = ({"id": "x", "object": "chat.completion",
                                 "choices": [{"index": 0, "finish_reason": "stop",
                                              "message": {"role": "assistant", "content": text}}]}
@@ -60,8 +66,9 @@ class FakeServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    if counted:
+                        with server.lock:
+                            server.in_flight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
