@@ -53,9 +53,9 @@ def train_rpo(cfg, trainer, judge) -> list[dict]:
 
     work = Path(cfg.workdir)
     writer = SummaryWriter(str(work / "tensorboard"))
-    ckpt = Checkpointer((work / "checkpoints").absolute(), max_to_keep=2,
-                        model_signature={"model": cfg.model.to_dict(), "lora_rank": cfg.rpo.lora_rank,
-                                         "full_finetune": cfg.rpo.full_finetune})
+    signature = {"model": cfg.model.to_dict(), "lora_rank": cfg.rpo.lora_rank,
+                 "full_finetune": cfg.rpo.full_finetune}
+    ckpt = Checkpointer((work / "checkpoints").absolute(), max_to_keep=2, model_signature=signature)
     history: list[dict] = []
     if ckpt.latest_step() is not None:
         state, extra = ckpt.restore(trainer.state_dict())
@@ -64,9 +64,7 @@ def train_rpo(cfg, trainer, judge) -> list[dict]:
         print(f"resumed RPO from iteration {trainer.iteration} ({work / 'checkpoints'})")
     prompts_at = train_prompt_sampler(cfg)
     keep_best = bool(cfg.rpo.get("keep_best", False)) and bool(cfg.rpo.eval_every)
-    best_ckpt = Checkpointer((work / "best").absolute(), max_to_keep=1,
-                             model_signature={"model": cfg.model.to_dict(), "lora_rank": cfg.rpo.lora_rank,
-                                              "full_finetune": cfg.rpo.full_finetune})
+    best_ckpt = Checkpointer((work / "best").absolute(), max_to_keep=1, model_signature=signature)
     best = {"iteration": -1, "score": -1.0}
     if keep_best and best_ckpt.latest_step() is not None:
         _, best = best_ckpt.restore({"trainable": trainer.trainable})
