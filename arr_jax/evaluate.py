@@ -15,8 +15,9 @@ import time
 
 from arr_jax import cli
 from arr_jax.arr.evaluation import evaluate
-from arr_jax.arr.rubric_file import load_rubric_text
-from arr_jax.induce import backend_identity, make_backend, make_pairs
+from arr_jax.arr.induction import backend_identity
+from arr_jax.data.pairs import make_pairs
+from arr_jax.judge.factory import load_rubric, make_backend
 from arr_jax.judge.templates import TemplateSet
 from arr_jax.judge.text_judge import TextJudge
 
@@ -48,7 +49,7 @@ def run(cfg) -> dict:
         elif cond == "rubric":
             if not cfg.rubric:
                 raise ValueError("bad config value rubric: empty, but conditions include 'rubric'")
-            text = load_rubric_text(cfg.rubric)
+            text = load_rubric(cfg.rubric)
             rubrics[cond] = text
             rubric_info = {"path": str(cfg.rubric), "sha256": hashlib.sha256(text.encode()).hexdigest()}
         else:

@@ -53,22 +53,11 @@ def make_grid(images: np.ndarray, cols: int) -> np.ndarray:
 
 def build_pipeline(cfg):
     """The `FluxPipeline` of ``cfg`` (mesh when there are several devices; LoRA from ``cfg.lora_path``)."""
-    import jax
-
     from arr_jax.convert.lora_peft import load_peft_lora, lora_config_from_file
-    from arr_jax.diffusion.flux_pipeline import FluxPipeline
+    from arr_jax.policies.flux import load_pipeline
+    from arr_jax.rpo.run import mesh_rules
 
-    rules = None
-    if jax.device_count() > 1:
-        from arr_jax.sharding import make_mesh, make_rules
-
-        rules = make_rules(make_mesh(**cfg.mesh.to_dict()))
-    lora = lora_config_from_file(cfg.lora_path) if cfg.lora_path else None
-    f = cfg.flux
-    pipe = FluxPipeline.from_pretrained(
-        cfg.model_dir, cache_dir=cfg.cache_dir or None, rules=rules, dtype=f.dtype, text_dtype=f.text_dtype,
-        vae_dtype=f.vae_dtype, t5_max_length=f.t5_max_length, lora=lora, expect=cfg.kind,
-        attention_impl=f.attention_impl, remat=f.remat)
+    pipe = load_pipeline(cfg, mesh_rules(cfg), lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
     if cfg.lora_path:
         load_peft_lora(pipe.transformer, cfg.lora_path)
     return pipe
@@ -82,11 +71,9 @@ def run(cfg) -> list[Path]:
 
     from arr_jax.diffusion.flux_pipeline import to_uint8
 
-    if not cfg.model_dir:
-        raise ValueError("set --config.model_dir to a diffusers FLUX snapshot directory")
     prompts = read_lines(cfg.prompts_file, "prompts_file")
     sources = None
-    if cfg.kind == "kontext":
+    if cfg.kind == "flux_kontext":
         paths = read_lines(cfg.sources_file, "sources_file")
         if len(paths) != len(prompts):
             raise ValueError(f"sources_file has {len(paths)} lines but prompts_file has {len(prompts)}")

@@ -1,20 +1,43 @@
-"""The embedded default: the CPU demo on the synthetic world.
+"""The embedded default: the whole ARR-RPO path on the synthetic world, on CPU.
 
-Pretrain (or load) a tiny pixel-space Flux, run RPO with the world's programmatic judge,
-evaluate base vs RPO on held-out prompts. ``get_config("tiny")`` is a seconds-long variant
-for tests.
+    python -m arr_jax.demo                     # induce → RPO → held-out report (make demo)
+    python -m arr_jax.induce --config configs/demo.py    # step 1 alone: the rubric file
+    python -m arr_jax.train --config configs/demo.py     # step 2 alone (needs step 1's rubric)
 
-Where the demo departs from the paper's RPO defaults (SPEC §2, the library defaults in
-`arr_jax.rpo.trainer.RPOSettings`), it says so in ``rpo.departures``.
+1. ARR induction on labelled world pairs with the world's programmatic "VLM" (seconds), writing
+   ``<workdir>/rubric/rubric.txt``;
+2. RPO of a tiny pixel-space Flux (the shipped base policy) with the text judge over the world
+   backend, conditioned on that rubric (``judge.rubric``), held-out win rate against the base every
+   ``rpo.eval_every`` iterations;
+3. base vs RPO on every held-out prompt × ``eval.report_seeds`` seeds, checked criterion by
+   criterion (`arr_jax.demo`).
+
+``get_config("tiny")`` is a seconds-long variant for tests. Where the demo departs from the
+paper's RPO defaults (SPEC §2, `arr_jax.rpo.trainer.RPOSettings`), ``rpo.departures`` says so.
 """
 import ml_collections
+
+from arr_jax.judge.factory import judge_config
+
+
+def _induce_world():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_arr_configs_induce_world", Path(__file__).with_name("induce_world.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.kind = "world"                 # the policy kind (arr_jax.policies)
     c.seed = 0
     c.workdir = "runs/demo"
-    c.base_checkpoint = "arr_jax/world/assets/base_policy.safetensors"
+    c.base_checkpoint = ""           # "" = the base policy shipped in the package
+    c.prompts_file = ""              # "" = the world grammar's 108 train prompts
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     # --- the synthetic world -------------------------------------------------------------
     c.world = ml_collections.ConfigDict()
@@ -44,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text_layers = 2
     c.model.max_tokens = 8
 
-    # --- pretraining (flow matching on corrupted captions) --------------------------------
+    # --- pretraining (flow matching on corrupted captions; python -m arr_jax.pretrain) ----
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.steps = 5000
     c.pretrain.batch_size = 64
@@ -53,6 +76,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.time_shift = 3.0
     c.pretrain.checkpoint_every = 500
     c.pretrain.workdir = "runs/pretrain"
+    c.pretrain.auto = False          # pretrain a missing base_checkpoint instead of stopping
+    c.pretrain.replace_shipped = False  # write the shipped asset itself (what the README's numbers use)
+
+    # --- ARR: rubric induction on labelled world pairs (python -m arr_jax.induce) ----------
+    c.induce = _induce_world().get_config()
+    c.induce.workdir = c.get_ref("workdir") + "/rubric"
+    c.induce.progress = False
+
+    # --- the reward judge ----------------------------------------------------------------
+    # The text judge over the world backend checks the criteria the rubric names; both orders,
+    # a win only when they agree (the backend breaks its own ties towards Image 1).
+    c.judge = judge_config(kind="world", symmetrize="agree")
+    c.judge.rubric = c.get_ref("workdir") + "/rubric/rubric.txt"
 
     # --- RPO -----------------------------------------------------------------------------
     c.rpo = ml_collections.ConfigDict()
@@ -87,9 +123,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     c.rpo.full_finetune = False
     c.rpo.checkpoint_every = 10
-    c.rpo.eval_every = 20           # win rate vs the base policy on a fixed train-prompt probe
-    c.rpo.probe_prompts = 108       # the probe: every train prompt, one fixed seed each
-    c.rpo.keep_best = False         # True: end with the probe-best weights (early stopping on train prompts)
+    c.rpo.eval_every = 20           # held-out win rate against the base (and the world's criteria)
+    c.rpo.keep_best = False         # True: end with the best held-out weights (selects on the eval prompts)
     c.rpo.departures = ("eta 0.7 (paper 0.3)", "independent noise per sample (paper: shared)",
                         "ppo_epochs 2 (paper 1)", "KL: closed-form Gaussian (paper: k1), beta 0.01 as in the paper",
                         "trained steps 0-4 of 8 (paper: all but the last)", "loser reward -1 (paper -0.1)",
@@ -97,32 +132,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- held-out evaluation -------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()
-    c.eval.num_prompts = 36          # held-out prompts (all of them)
-    c.eval.seeds_per_prompt = 16     # 36*16 = 576 images per policy, paired by seed
+    c.eval.prompts_file = ""         # "" = the world's 36 held-out prompts (never used in pretraining or RPO)
+    c.eval.num_prompts = 0           # 0 = all of them
+    c.eval.seeds = 1                 # images per prompt at each in-training evaluation
     c.eval.sampler = "sde"           # "sde" (the rollout sampler) or "ode"
     c.eval.grid_prompts = 8
+    c.eval.judge = judge_config(kind="")   # kind "" = the training judge; e.g. "api" for a gold judge
+    c.eval.report_seeds = 16         # the demo's final report: 36 x 16 = 576 images per policy, paired by seed
 
     if arg == "tiny":
-        c.workdir = "runs/tiny"
-        c.base_checkpoint = "runs/tiny/base_policy.safetensors"
-        c.world.data_dir = "runs/tiny_data"
-        c.world.n_train = 512
-        c.world.n_heldout = 128
-        c.pretrain.steps = 20
-        c.pretrain.batch_size = 16
-        c.pretrain.checkpoint_every = 10
-        c.pretrain.workdir = "runs/tiny_pretrain"
-        c.rpo.iterations = 2
-        c.rpo.num_steps = 4
-        c.rpo.train_window = (0, 2)
-        c.rpo.pairs_per_batch = 4
-        c.rpo.micro_batch = 8
-        c.rpo.checkpoint_every = 1
-        c.rpo.eval_every = 1
-        c.rpo.probe_prompts = 8
-        c.eval.num_prompts = 4
-        c.eval.seeds_per_prompt = 2
-        c.eval.grid_prompts = 2
+        apply_tiny(c)
     elif arg not in (None, "", "default"):
         raise ValueError(f"unknown demo config variant {arg!r}; use '' or 'tiny'")
     return c
+
+
+def apply_tiny(c: ml_collections.ConfigDict) -> None:
+    """Seconds-long settings for tests: a 20-step base pretrained on demand, 2 RPO iterations."""
+    c.workdir = "runs/tiny"
+    c.base_checkpoint = "runs/tiny/base_policy.safetensors"
+    c.world.data_dir = "runs/tiny_data"
+    c.world.n_train = 512
+    c.world.n_heldout = 128
+    c.pretrain.steps = 20
+    c.pretrain.batch_size = 16
+    c.pretrain.checkpoint_every = 10
+    c.pretrain.workdir = "runs/tiny_pretrain"
+    c.pretrain.auto = True
+    c.induce.data.n_pairs = 20
+    c.rpo.iterations = 2
+    c.rpo.num_steps = 4
+    c.rpo.train_window = (0, 2)
+    c.rpo.pairs_per_batch = 4
+    c.rpo.micro_batch = 8
+    c.rpo.checkpoint_every = 1
+    c.rpo.eval_every = 1
+    c.eval.num_prompts = 8
+    c.eval.grid_prompts = 2
+    c.eval.report_seeds = 2

@@ -1,14 +1,23 @@
-"""FLUX.1-dev text-to-image: sampling (``python -m arr_jax.sample``) and the paper's RPO defaults.
+"""FLUX.1-dev text-to-image: ARR-RPO training with the paper's defaults, and sampling.
 
+    python -m arr_jax.train --config configs/flux_dev_t2i.py --config.model_dir=/path/to/FLUX.1-dev \
+        --config.prompts_file=prompts.txt --config.eval.prompts_file=heldout.txt \
+        --config.judge.kind=qwen3_vl --config.judge.model_dir=/path/to/Qwen3-VL-8B-Instruct \
+        --config.judge.rubric=runs/arr/rubric.txt
     python -m arr_jax.sample --config configs/flux_dev_t2i.py \
-        --config.model_dir=/path/to/FLUX.1-dev --config.prompts_file=prompts.txt
+        --config.model_dir=/path/to/FLUX.1-dev --config.prompts_file=prompts.txt [--config.lora_path=...]
 
 ``rpo`` holds SPEC §2's T2I column (lr 5e-5, LoRA 16/32 on attention q/k/v/out, beta 0.01,
 eps 0.2, T=8, guidance 3.5 without CFG, 512², 32 prompt pairs per update, 300 steps);
-``eval`` the evaluation sampler (30 ODE steps, guidance 3.5). ``get_config("tiny")`` is a
-CPU-sized variant for a tiny random snapshot (tests build one with diffusers).
+``judge`` the reward judge (kind qwen3_vl: our Flax Qwen3-VL in the same program; api: an
+OpenAI-compatible server) and the rubric file from ``python -m arr_jax.induce``;
+``eval`` the held-out evaluation (win rate against the base) and the evaluation sampler (30 ODE
+steps, guidance 3.5). ``get_config("tiny")`` is a CPU-sized variant for a tiny random snapshot
+(tests build one with diffusers).
 """
 import ml_collections
+
+from arr_jax.judge.factory import judge_config
 
 ATTENTION_LORA = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -17,10 +26,11 @@ ATTENTION_LORA = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.kind = "flux"                 # the snapshot must hold a FluxPipeline
+    c.kind = "flux"                 # the policy kind; the snapshot must hold a FluxPipeline
     c.model_dir = ""                # diffusers snapshot of black-forest-labs/FLUX.1-dev
-    c.prompts_file = ""             # one prompt per line
-    c.sources_file = ""             # Kontext only: one source image path per line
+    c.workdir = "runs/flux_dev_rpo"  # training outputs (checkpoints, lora/, eval/, tensorboard/)
+    c.prompts_file = ""             # training prompts: .txt (one per line) or .jsonl ("prompt" per line)
+    c.sources_file = ""             # sample.py, Kontext only: one source image path per line
     c.outdir = "runs/samples/flux_dev"
     c.cache_dir = "runs/prompt_cache"  # on-disk T5/CLIP embeddings ("" = memory only)
     c.lora_path = ""                # optional diffusers/PEFT LoRA file to sample with
@@ -33,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flux.t5_max_length = 512
     c.flux.attention_impl = "xla"
     c.flux.remat = True
+    c.flux.release_text_encoders = True  # training: free T5-XXL + CLIP once every prompt is cached
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
     # --- sampling (the entry point) ---------------------------------------------------------
@@ -75,12 +86,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rpo.guidance = 3.5            # FLUX guidance embedding in rollouts, no CFG
     c.rpo.height = 512
     c.rpo.width = 512
+    c.rpo.full_finetune = False
     c.rpo.checkpoint_every = 10
+    c.rpo.eval_every = 20           # held-out win rate against the base (LoRA off)
+    c.rpo.keep_best = False
+    c.rpo.departures = ()
 
-    # --- evaluation sampling ------------------------------------------------------------------
+    # --- the reward judge (rubric from python -m arr_jax.induce) --------------------------------
+    c.judge = judge_config(kind="qwen3_vl", symmetrize="off")
+
+    # --- held-out evaluation ------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()
-    c.eval.sampler = "ode"
-    c.eval.num_steps = 30
+    c.eval.prompts_file = ""        # held-out prompts, same format as prompts_file
+    c.eval.num_prompts = 64         # the first N of them (0 = all)
+    c.eval.seeds = 1                # images per prompt (fixed seeds, paired with the base)
+    c.eval.grid_prompts = 8
+    c.eval.judge = judge_config(kind="")  # "" = the training judge in both orders; e.g. "api" for a gold judge
+    c.eval.sampler = "sde"          # in-training evaluation: the rollout sampler (T steps)
+    c.eval.num_steps = 30           # python -m arr_jax.sample: the paper's evaluation sampler
     c.eval.guidance = 3.5
 
     if arg == "tiny":
@@ -109,4 +132,14 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.rpo.lora_rank = 2
     c.rpo.lora_alpha = 4.0
     c.rpo.height = c.rpo.width = 32
+    c.rpo.checkpoint_every = 1
+    c.rpo.eval_every = 1
+    c.workdir = "runs/tiny_flux_rpo"
+    c.judge.qwen3_vl.dtype = "float32"
+    c.judge.qwen3_vl.seq_bucket = 64
+    c.judge.qwen3_vl.patch_bucket = 64
+    c.judge.qwen3_vl.batch_size = 4
+    c.judge.qwen3_vl.max_new_tokens = 16
+    c.eval.num_prompts = 4
+    c.eval.grid_prompts = 2
     c.eval.num_steps = 2

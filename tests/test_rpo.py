@@ -1,4 +1,6 @@
 """RPO numerics: on-policy ratio, rewards, loss, data-parallel equality, NaN handling."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,9 +64,9 @@ def test_lora_off_reference_is_the_base_model():
     tr = make_tiny_trainer()
     batch, _, _ = _batch(tr)
     steps = jnp.asarray(tr.s.trained_steps())
-    cond = jax.tree.map(lambda c: c[0], batch["cond"])
-    on = tr.programs.logp_pass(tr.trainable, tr.frozen, cond, batch["latents"][0], steps)
-    off = tr.programs.logp_pass(tr.ref_trainable, tr.frozen, cond, batch["latents"][0], steps)
+    cond = jax.tree.map(lambda c: c[0], batch.cond)
+    on = tr.programs.logp_pass(tr.trainable, tr.frozen, cond, batch.latents[0], steps)
+    off = tr.programs.logp_pass(tr.ref_trainable, tr.frozen, cond, batch.latents[0], steps)
     assert float(jnp.max(jnp.abs(on - off))) > 0  # adapters are nonzero
     assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(tr.ref_trainable))
 
@@ -77,16 +79,14 @@ def test_data_parallel_update_equals_single_device(kl_type):
     single = make_tiny_trainer(pairs_per_batch=8, micro_batch=8, kl_type=kl_type, ppo_epochs=2)
     batch, adv, _ = _batch(single, PROMPTS * 2)
     adv = np.linspace(-0.1, 1.0, adv.size).astype(np.float32)
-    host = jax.device_get({k: batch[k] for k in ("latents", "logp_old", "cond")})
-    host.update(images=batch["images"], prompts=batch["prompts"])
+    host = dataclasses.replace(batch, latents=np.asarray(batch.latents), logp_old=np.asarray(batch.logp_old),
+                               cond=jax.device_get(batch.cond))
 
     rules = make_rules(make_mesh(data=4, fsdp=2, tensor=1))
     dp = make_tiny_trainer(pairs_per_batch=8, micro_batch=8, kl_type=kl_type, ppo_epochs=2, rules=rules)
-    dp_batch = dict(host)
-    dp_batch["latents"] = dp._put(host["latents"], 2)
-    dp_batch["logp_old"] = dp._put(host["logp_old"], 2)
-    dp_batch["cond"] = jax.tree.map(jnp.asarray, host["cond"])
-    m1 = single.update(dict(host), adv, np.random.default_rng(0))
+    dp_batch = dataclasses.replace(host, latents=dp._put(host.latents, 2), logp_old=dp._put(host.logp_old, 2),
+                                   cond=jax.tree.map(jnp.asarray, host.cond))
+    m1 = single.update(host, adv, np.random.default_rng(0))
     m2 = dp.update(dp_batch, adv, np.random.default_rng(0))
     assert len(dp.trainable["transformer_blocks"][0]["attn"]["to_q"]["lora_a"].sharding.device_set) == 8
     for a, b in zip(jax.tree.leaves(single.trainable), jax.tree.leaves(dp.trainable)):
@@ -127,6 +127,7 @@ def test_one_iteration_logs_the_metrics():
     tr = make_tiny_trainer(ppo_epochs=2)
     m = tr.step(PROMPTS)
     for k in ("reward_mean", "tie_rate", "decisive_rate", "clip_frac", "ratio_mean", "ratio_std", "kl",
-              "grad_norm", "criteria/colour", "time/rollout"):
+              "grad_norm", "criteria/colour", "time/rollout", "time/decode", "time/judge", "time/reference",
+              "time/update", "throughput/images_per_s", "throughput/update_sample_steps_per_s"):
         assert k in m and np.isfinite(m[k]), k
     assert tr.iteration == 1

@@ -354,3 +354,53 @@ def induce(pairs: Sequence[PreferencePair], backend: TextBackend, workdir: str |
     rf = RubricFile(themes, prov)
     rf.save(work / f"{rubric_name}.txt")
     return rf
+
+
+# Backend settings that change what the model answers (others, e.g. timeouts, do not).
+_ANSWER_KEYS = {"openai": ("model", "endpoint", "temperature", "max_tokens", "token_param", "image_format",
+                           "max_image_side"),
+                "world": ("default_criteria", "tie_break"),
+                "qwen3_vl": ("model_dir", "dtype", "max_new_tokens", "temperature", "top_p", "seed")}
+
+
+def backend_identity(b) -> dict:
+    """The part of ``config.backend`` that determines answers (hashed into the run)."""
+    sub = b.get(b.kind, None)
+    keys = _ANSWER_KEYS.get(b.kind, ())
+    return {"kind": b.kind, **({k: sub[k] for k in keys} if sub is not None else {})}
+
+
+def settings_from(c) -> InductionSettings:
+    return InductionSettings(k=c.k, t_max=c.t_max, verify_orders=c.verify_orders, batch_pairs=c.batch_pairs,
+                             max_themes=c.max_themes, tips_per_theme=c.tips_per_theme,
+                             structure_retries=c.structure_retries, seed=c.seed)
+
+
+def induce_from_config(cfg) -> RubricFile:
+    """Induce a rubric file as a config says (sections ``data``, ``backend``, ``induction``, ``workdir``);
+    returns it (also written as ``<workdir>/rubric.txt`` + ``rubric.json``)."""
+    import time
+
+    from arr_jax.data.pairs import make_pairs
+    from arr_jax.judge.factory import make_backend
+
+    for key in ("data", "backend", "induction"):
+        if key not in cfg:
+            raise ValueError(f"config has no '{key}' section: pass --config configs/induce_world.py (or your own)")
+    t0 = time.perf_counter()
+    pairs = make_pairs(cfg.data)
+    backend = make_backend(cfg.backend)
+    ic = cfg.induction
+    templates = TemplateSet(ic.templates_dir or None)
+    guide = load_guide(ic.guide) if ic.guide else []
+    rf = induce(pairs, backend, cfg.workdir, settings_from(ic), templates, guide,
+                config={"data": cfg.data.to_dict(), "backend": backend_identity(cfg.backend)},
+                progress=cfg.get("progress", True))
+    p = rf.provenance["pairs"]
+    print(f"ARR induction: {p['total']} pairs -> first pass {p['first_pass']} ({100 * p['first_pass_rate']:.1f}%), "
+          f"refined {p['refined']}, discarded {p['discarded']} ({100 * p['discard_rate']:.1f}%); "
+          f"{len(rf.themes)} themes, structure {rf.provenance['structure_status']}; "
+          f"{time.perf_counter() - t0:.1f}s")
+    print(f"rubric file: {cfg.workdir}/rubric.txt (+ rubric.json)\n")
+    print(rf.text)
+    return rf

@@ -24,11 +24,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-TEMPLATE_NAMES = ("generate", "verify", "refine", "structure", "pairwise", "pointwise", "listwise")
+TEMPLATE_NAMES = ("generate", "verify", "refine", "structure", "pairwise", "pointwise", "listwise", "decompose")
 
 # Output budgets per task (tokens); a backend may cap them further.
 DEFAULT_MAX_TOKENS = {"generate": 1024, "refine": 1024, "verify": 768, "structure": 2048,
-                      "pairwise": 768, "pointwise": 512, "listwise": 768}
+                      "pairwise": 768, "pointwise": 512, "listwise": 768,
+                      "decompose": 768}
 
 TASK_DESCRIPTIONS = {
     "t2i": ("Decide which generated image better satisfies the text prompt: every requested "

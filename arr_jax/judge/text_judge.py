@@ -117,15 +117,18 @@ class TextJudge:
     # -- request building ----------------------------------------------------------------
     def pair_requests(self, prompts, images1, images2, rubric=None, sources=None, meta=None) -> list[ChatRequest]:
         """Requests for B pairs in the given order (pairwise / listwise-of-2: 1 each;
-        pointwise: 2 each, image 1 then image 2)."""
+        pointwise: 2 each, image 1 then image 2). ``rubric``: one text for every pair, or a
+        sequence of B texts (prompt-specific rubrics)."""
         i1, i2 = as_images(images1), as_images(images2)
         src = [None] * len(prompts) if sources is None else list(sources)
-        if not (len(i1) == len(i2) == len(src) == len(prompts)):
-            raise ValueError(f"{len(prompts)} prompts but {len(i1)}/{len(i2)} images and {len(src)} sources")
+        rub = list(rubric) if isinstance(rubric, (list, tuple)) else [rubric] * len(prompts)
+        if not (len(i1) == len(i2) == len(src) == len(rub) == len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts but {len(i1)}/{len(i2)} images, {len(src)} sources and "
+                             f"{len(rub)} rubrics")
         reqs = []
         for b, p in enumerate(prompts):
             m = dict(meta or {}, index=b)
-            f = self._fields(rubric, src[b] is not None)
+            f = self._fields(rub[b], src[b] is not None)
             if self.mode == "pairwise":
                 reqs.append(pair_request(self.templates, self.template, p, i1[b], i2[b], src[b], f, m))
             elif self.mode == "pointwise":

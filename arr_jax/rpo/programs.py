@@ -71,15 +71,19 @@ class PolicyPrograms:
                              self.sigmas[j + 1], L.eta, kind=L.sde_kind, quantize_t=L.quantize_t)
 
     # --- programs -----------------------------------------------------------------------
-    def _rollout(self, trainable, frozen, cond, x_init, key) -> Trajectory:
-        """One micro-batch: x_init (mb, *latent) → Trajectory with (T+1, mb, ...) latents."""
-        L = self.loss
-        return sde_rollout(self.velocity_fn(trainable, frozen, cond), x_init, self.sigmas, L.eta, key,
-                           kind=L.sde_kind, quantize_t=L.quantize_t)
+    def _rollout(self, trainable, frozen, cond, x_init, key, sigmas) -> Trajectory:
+        """One micro-batch: x_init (mb, *latent) → Trajectory with (T+1, mb, ...) latents.
 
-    def _ode(self, trainable, frozen, cond, x_init):
-        """Deterministic Euler sampling of one micro-batch; returns the final latent (mb, ...)."""
-        return ode_sample(self.velocity_fn(trainable, frozen, cond), x_init, self.sigmas,
+        ``sigmas`` (T+1,) float32: the rollout's are ``self.sigmas`` (the ones the loss re-scores
+        with); evaluation may sample on another schedule.
+        """
+        L = self.loss
+        return sde_rollout(self.velocity_fn(trainable, frozen, cond), x_init, jnp.asarray(sigmas, jnp.float32),
+                           L.eta, key, kind=L.sde_kind, quantize_t=L.quantize_t)
+
+    def _ode(self, trainable, frozen, cond, x_init, sigmas):
+        """Deterministic Euler sampling of one micro-batch on ``sigmas`` (T+1,); returns the final latent."""
+        return ode_sample(self.velocity_fn(trainable, frozen, cond), x_init, jnp.asarray(sigmas, jnp.float32),
                           quantize_t=self.loss.quantize_t)
 
     def _ref_pass(self, ref_trainable, frozen, cond, latents, steps):

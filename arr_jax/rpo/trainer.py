@@ -1,15 +1,23 @@
-"""The RPO loop: rollout pairs → judge → rewards → PPO-clip + KL updates, with metrics and resume.
+"""One RPO iteration: rollout pairs → decode → judge → rewards → reference pass → PPO-clip + KL updates.
 
-Policy-agnostic: the trainer sees a model (nnx Module), ``apply_fn(model, x, t, cond) -> v``,
-``decode_fn(x0) -> uint8 images``, ``encode_fn(prompts) -> cond`` and a `Judge`. The same loop
-drives the tiny pixel-space Flux of the CPU demo and FLUX.1-dev on a pod.
+Kind-agnostic: the trainer sees an `arr_jax.policies.base.Policy` (model, ``apply_fn``,
+``encode_fn``, ``decode_fn`` + ``decode_params``, latent shape) and a judge (anything with
+``compare``; wrapped in `arr_jax.judge.reward.RubricJudge`, which attaches the run's rubric and
+the editing sources). The same code drives the tiny pixel-space Flux of the CPU demo and
+FLUX.1-dev / Kontext on a pod. Follows SPEC §2 (the paper's RPO; DanceGRPO's SDE step).
+
+**One owner of the weights.** The policy's model holds the trained arrays at every moment a
+caller can observe: `RPOTrainer.trainable` reads them from the model and assigning it writes
+them back (`nnx.update`), so after `step`, `load_state_dict` or a best-weights swap the model
+(and any pipeline sampling with it) uses exactly the trainer's state. The donated update never
+leaves the model holding deleted arrays.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arr_jax.diffusion.schedule import rollout_sigmas
+from arr_jax.policies.base import Policy, PromptItem, as_items
 from arr_jax.rpo.programs import LossConfig, PolicyPrograms, make_optimizer
 from arr_jax.rpo.rewards import pair_rewards
 from arr_jax.sharding import ShardingRules, param_shardings
@@ -95,46 +104,98 @@ class NonFiniteLossError(FloatingPointError):
     """Raised under ``nan_policy='stop'`` when an update produced a NaN/Inf loss or gradient."""
 
 
-class RPOTrainer:
-    """Holds the policy state (trainable / frozen / reference / optimiser) and runs RPO iterations."""
+@dataclasses.dataclass
+class RolloutBatch:
+    """A rollout of P prompt pairs (2P samples) in the layout of `arr_jax.rpo.programs`.
 
-    def __init__(self, model: nnx.Module, *, apply_fn: Callable, decode_fn: Callable,
-                 encode_fn: Callable[[Sequence[str]], Any], latent_shape: tuple[int, ...], judge,
-                 settings: RPOSettings, trainable: Any = None, rules: ShardingRules | None = None,
-                 seed: int = 0):
-        settings.validate()
-        self.s = settings
-        self.judge = judge
-        self.encode_fn = encode_fn
-        self.latent_shape = tuple(latent_shape)
-        self.rules = rules
+    items:    the P prompts (`PromptItem`, with sources when editing).
+    latents:  (M, T+1, mb, *latent) float32: every x_t of every sample (M micro-batches of mb).
+    logp_old: (M, T, mb) float32 log-probs of the sampled transitions.
+    cond:     pytree of (M, mb, ...) conditioning (each prompt's, repeated for its two samples).
+    images:   uint8 (2P, H, W, 3) on the host: the decode of each sample's last ``x0_hat``.
+              Samples ``2p`` and ``2p+1`` (flattened order) are pair ``p``.
+    """
+
+    items: list[PromptItem]
+    latents: Any
+    logp_old: Any
+    cond: Any
+    images: np.ndarray
+
+    @property
+    def prompts(self) -> list[str]:
+        return [it.text for it in self.items]
+
+
+class RPOTrainer:
+    """Holds the policy's optimiser state and reference, and runs RPO iterations.
+
+    Args:
+      policy:    an `arr_jax.policies.base.Policy` (any kind).
+      judge:     a pairwise judge (``compare(prompts, images1, images2, ...)``) or a
+                 `arr_jax.judge.reward.RubricJudge` carrying the run's rubric.
+      settings:  `RPOSettings` (validated here; a bad value raises ``ValueError`` naming it).
+      trainable: "lora", "full" or None (LoRA when the model has adapters).
+      rules:     `ShardingRules` with a mesh: parameters are placed by their logical axes and the
+                 batch is sharded over ("data", "fsdp").
+      seed:      RNG seed of the rollouts (iteration ``i`` uses ``fold_in(key(seed), i)``).
+    """
+
+    def __init__(self, policy: Policy, judge, settings: RPOSettings, *, trainable: str | None = None,
+                 rules: ShardingRules | None = None, seed: int = 0):
+        from arr_jax.judge.reward import as_rubric_judge
         from arr_jax.nn.lora import LoRAParam
 
+        if not isinstance(policy, Policy):
+            raise TypeError(f"RPOTrainer needs an arr_jax.policies.base.Policy, got {type(policy).__name__}")
+        settings.validate()
+        self.s = settings
+        self.policy = policy
+        self.judge = as_rubric_judge(judge)
+        self.rules = rules
+        self.latent_shape = tuple(policy.latent_shape)
+        model = policy.model
         has_lora = any(True for _ in jax.tree.leaves(nnx.state(model, LoRAParam)))
         if trainable not in (None, "lora", "full"):
             raise ValueError(f"trainable must be 'lora', 'full' or None (auto), got {trainable!r}")
         if trainable == "lora" and not has_lora:
             raise ValueError("trainable='lora' but the model has no LoRA adapters (set a LoRAConfig)")
         self.mode = "lora" if (trainable is None and has_lora) or trainable == "lora" else "full"
-        filt = LoRAParam if self.mode == "lora" else nnx.Param
-        self.graphdef, tr, fr = nnx.split(model, filt, ...)
+        self._filter = LoRAParam if self.mode == "lora" else nnx.Param
+        self.graphdef, tr, fr = nnx.split(model, self._filter, ...)
         if rules is not None and rules.mesh is not None:
             tr = jax.device_put(tr, param_shardings(tr, rules))
             fr = jax.device_put(fr, param_shardings(fr, rules))
-        self.trainable, self.frozen = tr, fr
-        # Reference policy: LoRA off (zeroed adapters) or the initial full weights.
+            nnx.update(model, tr, fr)
+        self.frozen = fr
+        # Reference policy: LoRA off (zeroed adapters, no second copy of the base) or the initial weights.
         self.ref_trainable = (jax.tree.map(jnp.zeros_like, tr) if self.mode == "lora"
                               else jax.tree.map(jnp.copy, tr))
         self.tx = make_optimizer(settings.learning_rate, settings.weight_decay, grad_clip=settings.grad_clip)
-        self.opt_state = jax.jit(self.tx.init)(self.trainable)
+        self.opt_state = jax.jit(self.tx.init)(tr)
         self.sigmas = rollout_sigmas(settings.num_steps, settings.time_shift)
         loss = LossConfig(clip_eps=settings.clip_eps, kl_beta=settings.kl_beta, kl_type=settings.kl_type,
                           eta=settings.eta, sde_kind=settings.sde_kind, quantize_t=settings.quantize_t)
-        self.programs = PolicyPrograms(self.graphdef, apply_fn, loss, self.tx, self.sigmas)
-        self._decode = jax.jit(decode_fn)
+        self.programs = PolicyPrograms(self.graphdef, policy.apply_fn, loss, self.tx, self.sigmas)
+        self._decode = jax.jit(policy.decode_fn)
         self.key = jax.random.key(seed)
         self.iteration = 0
         self.counters = {"nonfinite_updates": 0}
+        self.timing: dict[str, float] = {}
+
+    # --- the weights: owned by the policy's model -------------------------------------------
+    @property
+    def model(self) -> nnx.Module:
+        return self.policy.model
+
+    @property
+    def trainable(self) -> nnx.State:
+        """The trained variables (LoRA adapters or all params), read from the model."""
+        return nnx.state(self.policy.model, self._filter)
+
+    @trainable.setter
+    def trainable(self, value) -> None:
+        nnx.update(self.policy.model, value)
 
     # --- sharding helpers ---------------------------------------------------------------
     def _put(self, x, batch_axis: int):
@@ -144,7 +205,13 @@ class RPOTrainer:
         spec[batch_axis] = self.rules.rules["batch"]
         return jax.device_put(x, NamedSharding(self.rules.mesh, P(*spec)))
 
+    @staticmethod
+    def _host(x) -> np.ndarray:
+        """A device array to the host (the images the judge needs)."""
+        return np.asarray(jax.device_get(x))
+
     def state_dict(self) -> dict:
+        """Everything resume needs: trained weights, optimiser, RNG key, iteration (= data position)."""
         d = {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self.key,
              "iteration": jnp.asarray(self.iteration, jnp.int32)}
         if self.mode == "full":
@@ -158,11 +225,16 @@ class RPOTrainer:
             self.ref_trainable = d["reference"]
 
     # --- one iteration ------------------------------------------------------------------
-    def rollout(self, prompts: Sequence[str], key: jax.Array, trainable=None) -> dict:
-        """Two SDE samples per prompt. Returns the device batch plus host images (2P, H, W, 3)."""
+    def _conditioning(self, items: Sequence[PromptItem], repeat: int) -> Any:
+        cond = self.policy.encode_fn(list(items))
+        return jax.tree.map(lambda c: jnp.repeat(jnp.asarray(c), repeat, axis=0), cond)
+
+    def rollout(self, prompts: Sequence[PromptItem | str], key: jax.Array, trainable=None) -> RolloutBatch:
+        """Two SDE samples per prompt with the current policy (or ``trainable``), decoded for the judge."""
         s = self.s
-        trainable = self.trainable if trainable is None else trainable
-        n_pairs = len(prompts)
+        items = as_items(prompts)
+        tr = self.trainable if trainable is None else trainable
+        n_pairs = len(items)
         B, mb = 2 * n_pairs, s.micro_batch
         if B % mb:
             raise ValueError(f"{n_pairs} prompts give {B} samples, not a multiple of micro_batch={mb}")
@@ -173,61 +245,98 @@ class RPOTrainer:
             x_init = jnp.repeat(x0, 2, axis=0)
         else:
             x_init = jax.random.normal(k_noise, (B,) + self.latent_shape, jnp.float32)
-        cond = self.encode_fn(list(prompts))
-        cond = jax.tree.map(lambda c: jnp.repeat(jnp.asarray(c), 2, axis=0).reshape((M, mb) + c.shape[1:]), cond)
+        t0 = time.perf_counter()
+        cond = jax.tree.map(lambda c: c.reshape((M, mb) + c.shape[1:]), self._conditioning(items, 2))
         x_init = x_init.reshape((M, mb) + self.latent_shape)
+        t1 = time.perf_counter()
         lat, logp, x0s = [], [], []
         for m in range(M):
             c_m = jax.tree.map(lambda c: self._put(c[m], 0), cond)
-            traj = self.programs.rollout(trainable, self.frozen, c_m, self._put(x_init[m], 0),
-                                         jax.random.fold_in(k_sde, m))
+            traj = self.programs.rollout(tr, self.frozen, c_m, self._put(x_init[m], 0),
+                                         jax.random.fold_in(k_sde, m), self.sigmas)
             lat.append(traj.latents)
             logp.append(traj.log_probs)
             x0s.append(traj.x0)
-        images = np.concatenate([np.asarray(self._decode(x)) for x in x0s], axis=0)
-        return {"latents": jnp.stack(lat), "logp_old": jnp.stack(logp), "cond": cond, "images": images,
-                "prompts": list(prompts)}
+        jax.block_until_ready(x0s)
+        t2 = time.perf_counter()
+        images = np.concatenate([self._host(self._decode(self.policy.decode_params, x)) for x in x0s], axis=0)
+        t3 = time.perf_counter()
+        self.timing.update({"encode": t1 - t0, "rollout": t2 - t1, "decode": t3 - t2})
+        return RolloutBatch(items=items, latents=jnp.stack(lat), logp_old=jnp.stack(logp), cond=cond,
+                            images=images)
 
-    def judge_batch(self, batch: dict) -> tuple[np.ndarray, dict]:
-        """Judge each pair; returns advantages (2P,) and judge metrics."""
-        imgs, prompts = batch["images"], batch["prompts"]
-        res = self.judge.compare(prompts, imgs[0::2], imgs[1::2])
+    def judge_batch(self, batch: RolloutBatch) -> tuple[np.ndarray, dict]:
+        """Judge each pair under the run's rubric; returns advantages (2P,) and judge metrics."""
+        imgs = batch.images
+        res = self.judge.compare(batch.items, imgs[0::2], imgs[1::2])
         rewards = pair_rewards(res.winner, self.s.win_reward, self.s.lose_penalty)
         m = {"reward_mean": float(rewards.mean()), "tie_rate": float(np.mean(res.winner == 0)),
-             "decisive_rate": float(np.mean(res.winner != 0))}
+             "decisive_rate": float(np.mean(res.winner != 0)),
+             "p_first_mean": float(np.mean(res.p_first))}
         for name, v in (res.criteria or {}).items():
             m[f"criteria/{name}"] = float(np.mean(v))
         for name, n in (res.failures or {}).items():
             m[f"judge_failures/{name}"] = float(n)
         return rewards.reshape(-1), m
 
-    def update(self, batch: dict, adv: np.ndarray, rng: np.random.Generator) -> dict:
+    def _device_batch(self, batch: RolloutBatch, advantages) -> dict:
+        """The update's inputs on device, with the reference pass (LoRA off) of the trained steps."""
+        M, mb = batch.logp_old.shape[0], batch.logp_old.shape[2]
+        adv = np.asarray(advantages, np.float32)
+        if adv.shape != (M * mb,):
+            raise ValueError(f"advantages must be ({M * mb},) for this batch, got {adv.shape}")
+        t0 = time.perf_counter()
+        steps_all = jnp.asarray(self.s.trained_steps())
+        dev = {"latents": batch.latents, "logp_old": batch.logp_old,
+               "adv": self._put(jnp.asarray(adv).reshape(M, mb), 1),
+               "cond": jax.tree.map(lambda c: self._put(c, 1), batch.cond)}
+        refs = [self.programs.ref_pass(self.ref_trainable, self.frozen,
+                                       jax.tree.map(lambda c: c[m], dev["cond"]), dev["latents"][m], steps_all)
+                for m in range(M)]
+        dev["logp_ref"] = jnp.stack([r[0] for r in refs])
+        if self.s.kl_type == "gaussian":
+            dev["mean_ref"] = jnp.stack([r[1] for r in refs])
+        jax.block_until_ready(dev["logp_ref"])
+        self.timing["reference"] = time.perf_counter() - t0
+        return dev
+
+    def _train_step(self, dev: dict, pos: np.ndarray, apply_update: bool) -> dict:
+        """One call of the update executable on the trained steps at positions ``pos``."""
+        steps_all = self.s.trained_steps()
+        new_tr, self.opt_state, met = self.programs.train_step(
+            self.trainable, self.opt_state, self.frozen, dev, jnp.asarray(steps_all[pos]),
+            jnp.asarray(pos, jnp.int32), jnp.asarray(apply_update))
+        self.trainable = new_tr  # the model owns the new arrays (the old ones were donated)
+        return met
+
+    def optimizer_step(self, batch: RolloutBatch, advantages, steps: Sequence[int] | None = None) -> dict:
+        """Exactly one optimiser step on ``batch`` with per-sample ``advantages`` (2P,).
+
+        ``steps`` are positions in the trained-step list (default: all). ``logp_old`` is the
+        batch's as given. Returns the step's metrics (loss, kl, ratio stats, grad_norm, ...).
+        Benchmarks and tests use this instead of rebuilding the trainer's internal batch.
+        """
+        dev = self._device_batch(batch, advantages)
+        pos = np.arange(len(self.s.trained_steps())) if steps is None else np.asarray(steps)
+        met = self._train_step(dev, pos, True)
+        met.pop("logp")
+        return {k: float(v) for k, v in jax.device_get(met).items()}
+
+    def update(self, batch: RolloutBatch, advantages, rng: np.random.Generator | None = None) -> dict:
         """PPO epochs over the trained steps; returns metrics averaged over optimiser steps."""
         s = self.s
-        M, mb = batch["logp_old"].shape[0], batch["logp_old"].shape[2]
-        steps_all = s.trained_steps()
-        K = len(steps_all)
-        dev = {"latents": batch["latents"], "logp_old": batch["logp_old"],
-               "adv": self._put(jnp.asarray(adv, jnp.float32).reshape(M, mb), 1),
-               "cond": jax.tree.map(lambda c: self._put(c, 1), batch["cond"])}
-        refs = [self.programs.ref_pass(self.ref_trainable, self.frozen,
-                                       jax.tree.map(lambda c: c[m], dev["cond"]), dev["latents"][m],
-                                       jnp.asarray(steps_all)) for m in range(M)]
-        dev["logp_ref"] = jnp.stack([r[0] for r in refs])
-        if s.kl_type == "gaussian":
-            dev["mean_ref"] = jnp.stack([r[1] for r in refs])
-        del refs
+        rng = np.random.default_rng(0) if rng is None else rng
+        dev = self._device_batch(batch, advantages)
+        t0 = time.perf_counter()
+        K = len(s.trained_steps())
         chunk = s.steps_per_update or K
         orders = [rng.permutation(K) for _ in range(s.ppo_epochs)]
         if s.recompute_logp_old:
-            dev["logp_old"] = self._recompute_logp_old(dev, steps_all, orders[0], chunk)
+            dev["logp_old"] = self._recompute_logp_old(dev, orders[0], chunk)
         history = []
         for order in orders:
             for c0 in range(0, K, chunk):
-                pos = order[c0:c0 + chunk]
-                self.trainable, self.opt_state, met = self.programs.train_step(
-                    self.trainable, self.opt_state, self.frozen, dev, jnp.asarray(steps_all[pos]),
-                    jnp.asarray(pos, jnp.int32), jnp.asarray(True))
+                met = self._train_step(dev, order[c0:c0 + chunk], True)
                 met.pop("logp")
                 met = jax.device_get(met)  # also blocks: keeps CPU collectives from piling up
                 if met["nonfinite"] > 0:
@@ -244,59 +353,85 @@ class RPOTrainer:
         if s.recompute_logp_old:
             out["logp_mismatch"] = self._last_mismatch
         out["nonfinite_updates_total"] = self.counters["nonfinite_updates"]
+        self.timing["update"] = time.perf_counter() - t0
         return out
 
-    def _recompute_logp_old(self, dev: dict, steps_all: np.ndarray, order: np.ndarray, chunk: int):
+    def _recompute_logp_old(self, dev: dict, order: np.ndarray, chunk: int):
         """logp_old from forward-only runs of the update executable (see `PolicyPrograms._train_step`)."""
+        steps_all = self.s.trained_steps()
         rollout_logp = jnp.asarray(dev["logp_old"])
         new = rollout_logp
         for c0 in range(0, len(order), chunk):
             pos = order[c0:c0 + chunk]
-            idx = jnp.asarray(steps_all[pos])
-            self.trainable, self.opt_state, met = self.programs.train_step(
-                self.trainable, self.opt_state, self.frozen, dev, idx, jnp.asarray(pos, jnp.int32),
-                jnp.asarray(False))
-            new = new.at[:, idx].set(met["logp"])
+            met = self._train_step(dev, pos, False)
+            new = new.at[:, jnp.asarray(steps_all[pos])].set(met["logp"])
         trained = jnp.asarray(steps_all)
         self._last_mismatch = float(jnp.max(jnp.abs(new[:, trained] - rollout_logp[:, trained])))
         return new
 
-    def step(self, prompts: Sequence[str]) -> dict:
-        """One full RPO iteration on ``prompts`` (rollout, judge, update)."""
+    def step(self, prompts: Sequence[PromptItem | str]) -> dict:
+        """One full RPO iteration on ``prompts`` (P pairs): rollout, decode, judge, reference, update.
+
+        Returns metrics: the judge's (reward_mean, tie_rate, failures), the update's (loss, kl,
+        ratio stats, clip_frac, grad_norm), seconds per phase (``time/*``) and throughput.
+        """
+        self.timing = {}
         t0 = time.perf_counter()
         key = jax.random.fold_in(self.key, self.iteration)
         batch = self.rollout(prompts, key)
         t1 = time.perf_counter()
         adv, jm = self.judge_batch(batch)
-        t2 = time.perf_counter()
+        self.timing["judge"] = time.perf_counter() - t1
         rng = np.random.default_rng(int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
         um = self.update(batch, adv, rng)
-        t3 = time.perf_counter()
         self.iteration += 1
-        return {**jm, **um, "time/rollout": t1 - t0, "time/judge": t2 - t1, "time/update": t3 - t2}
+        out = {**jm, **um, **{f"time/{k}": v for k, v in self.timing.items()},
+               "time/iteration": time.perf_counter() - t0}
+        out.update(self._throughput(len(batch.items)))
+        return out
+
+    def _throughput(self, n_pairs: int) -> dict:
+        t, s = self.timing, self.s
+        sample_steps = 2 * n_pairs * len(s.trained_steps()) * s.ppo_epochs
+        out = {}
+        if t.get("rollout", 0) + t.get("decode", 0) > 0:
+            out["throughput/images_per_s"] = 2 * n_pairs / (t.get("rollout", 0) + t.get("decode", 0))
+        if t.get("judge", 0) > 0:
+            out["throughput/judge_decisions_per_s"] = n_pairs / t["judge"]
+        if t.get("update", 0) > 0:
+            out["throughput/update_sample_steps_per_s"] = sample_steps / t["update"]
+        return out
 
     # --- evaluation helpers ---------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, use_reference: bool = False,
-                 sampler: str = "sde") -> np.ndarray:
-        """One image per (prompt, seed): uint8 (n, H, W, 3). The noise depends only on the seed,
-        so the current and the reference policy are compared on identical noise."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    def generate(self, prompts: Sequence[PromptItem | str], seeds: Sequence[int], *, use_reference: bool = False,
+                 sampler: str = "sde", sigmas=None) -> np.ndarray:
+        """One image per (prompt, seed): uint8 (n, H, W, 3).
+
+        The noise depends only on the seed, so the current and the reference (LoRA off) policy
+        are compared on identical noise. ``sampler``: "sde" (the rollout sampler; its step noise
+        also fixed by the first seed of each chunk) or "ode" (deterministic Euler). ``sigmas``
+        (T'+1,) default to the rollout's.
+        """
+        items = as_items(prompts)
+        if len(items) != len(seeds):
+            raise ValueError(f"{len(items)} prompts but {len(seeds)} seeds")
+        if sampler not in ("sde", "ode"):
+            raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}")
+        sig = self.sigmas if sigmas is None else np.asarray(sigmas, np.float32)
         tr = self.ref_trainable if use_reference else self.trainable
-        mb, n = self.s.micro_batch, len(prompts)
+        mb, n = self.s.micro_batch, len(items)
         out = []
         for lo in range(0, n, mb):
-            ps, ss = list(prompts[lo:lo + mb]), list(seeds[lo:lo + mb])
-            pad = mb - len(ps)
-            ps, ss = ps + [ps[-1]] * pad, ss + [ss[-1]] * pad  # keep one compiled shape
+            its, ss = list(items[lo:lo + mb]), list(seeds[lo:lo + mb])
+            pad = mb - len(its)
+            its, ss = its + [its[-1]] * pad, ss + [ss[-1]] * pad  # keep one compiled shape
             keys = [jax.random.fold_in(jax.random.key(0), int(s)) for s in ss]
-            x_init = jnp.stack([jax.random.normal(k, self.latent_shape) for k in keys])
-            cond = jax.tree.map(lambda c: self._put(c, 0), self.encode_fn(ps))
-            x_init = self._put(x_init, 0)
+            x_init = self._put(jnp.stack([jax.random.normal(k, self.latent_shape) for k in keys]), 0)
+            cond = jax.tree.map(lambda c: self._put(c, 0), self._conditioning(its, 1))
             if sampler == "ode":
-                x0 = self.programs.ode(tr, self.frozen, cond, x_init)
-            else:  # the rollout sampler, its step noise also fixed by the first seed of the chunk
+                x0 = self.programs.ode(tr, self.frozen, cond, x_init, sig)
+            else:
                 x0 = self.programs.rollout(tr, self.frozen, cond, x_init,
-                                           jax.random.fold_in(jax.random.key(1), int(ss[0]))).x0
-            out.append(np.asarray(self._decode(x0))[:mb - pad])
+                                           jax.random.fold_in(jax.random.key(1), int(ss[0])), sig).x0
+            out.append(self._host(self._decode(self.policy.decode_params, x0))[:mb - pad])
         return np.concatenate(out, axis=0)

@@ -3,7 +3,8 @@
 `WorldBackend` answers every request of the ARR pipeline "in its own way", with text that goes
 through the same parsers as a VLM's answers:
 
-  generate   first-pass rubrics from the prompt alone: one criterion per attribute the prompt
+  generate / decompose
+             first-pass (or prompt-specific) rubrics from the prompt alone: one criterion per attribute the prompt
              names, in salience order (colour, shape, count, position, clean background), the
              first K, as ``{"rubrics": [...]}`` JSON
   refine     rubrics from the evidence: the criteria (checked with `WorldJudge`) the preferred
@@ -183,7 +184,7 @@ class WorldBackend:
     def answer(self, req: ChatRequest) -> str:
         """The answer text for one request."""
         self.calls[req.task] = self.calls.get(req.task, 0) + 1
-        if req.task == "generate":
+        if req.task in ("generate", "decompose"):
             return self._rubrics(req, from_evidence=False)
         if req.task == "refine":
             return self._rubrics(req, from_evidence=True)

@@ -1,0 +1,122 @@
+"""Held-out evaluation during RPO: the current policy against the base (LoRA off), the
+reward-hacking guard (SPEC §3: the proxy reward rising while a held-out judge falls).
+
+Every ``rpo.eval_every`` iterations, on held-out prompts with fixed seeds (the same noise for
+both policies), the evaluation judge (by default the training judge) compares each current
+image with the base image of the same prompt and seed in both orders. Per pair the score is
+1 (current wins), 0 (base wins) or 0.5 (tie), averaged over the two orders, so the judge's
+positional bias cancels. Reported: ``eval/win_rate`` with its standard error, ``eval/tie_rate``
+(pairs left undecided after both orders), ``eval/order_flip_rate`` (the two orders named
+different winners) and judge failures; an image grid (a base row and a current row, same prompts
+and seeds) as PNG and in TensorBoard. Kind-specific checks (the world's rubric criteria) come
+from ``criteria_fn``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from arr_jax.judge.base import flip_winner
+from arr_jax.policies.base import PromptItem
+
+
+def _scores(winner: np.ndarray) -> np.ndarray:
+    return np.where(winner == 1, 1.0, np.where(winner == 2, 0.0, 0.5))
+
+
+class Evaluator:
+    """Current policy vs base on held-out prompts (see the module docstring).
+
+    Args:
+      items:             held-out prompts.
+      judge:             a `RubricJudge` (the training judge, or a separate gold judge).
+      seeds_per_prompt:  images per prompt; seeds are fixed: ``seed_offset + 100 * i + s``.
+      sampler:           "sde" (the rollout sampler) or "ode"; ``sigmas`` its schedule (None: rollout's).
+      grid_prompts:      prompts shown in the grid (spread over the set).
+      outdir:            where grids go (``eval_<iteration>.png``); None: no pictures.
+      criteria_fn:       optional ``(items, images) -> {name: (n,) bool}`` checks, reported as
+                         ``eval/criteria/<name>`` and ``eval/accuracy`` for the current policy.
+    """
+
+    def __init__(self, items: Sequence[PromptItem], judge, *, seeds_per_prompt: int = 1, sampler: str = "sde",
+                 sigmas=None, grid_prompts: int = 8, outdir: str | Path | None = None,
+                 criteria_fn: Callable | None = None, seed_offset: int = 10_000):
+        if not items:
+            raise ValueError("the evaluator needs held-out prompts")
+        if seeds_per_prompt < 1:
+            raise ValueError(f"eval.seeds_per_prompt must be >= 1, got {seeds_per_prompt}")
+        self.prompts = list(items)
+        self.items = [it for it in self.prompts for _ in range(seeds_per_prompt)]
+        self.seeds = [seed_offset + 100 * i + s for i in range(len(self.prompts)) for s in range(seeds_per_prompt)]
+        self.k = seeds_per_prompt
+        self.judge, self.sampler, self.sigmas = judge, sampler, sigmas
+        self.grid_prompts = max(0, min(grid_prompts, len(self.prompts)))
+        self.outdir = None if outdir is None else Path(outdir)
+        self.criteria_fn = criteria_fn
+        self._base: np.ndarray | None = None
+
+    def images(self, trainer, *, base: bool) -> np.ndarray:
+        """uint8 (n, H, W, 3) of the base (cached: it never changes) or the current policy."""
+        if base and self._base is not None:
+            return self._base
+        out = trainer.generate(self.items, self.seeds, use_reference=base, sampler=self.sampler, sigmas=self.sigmas)
+        if base:
+            self._base = out
+        return out
+
+    def _symmetric(self) -> bool:
+        return bool(getattr(getattr(self.judge, "judge", None), "symmetrize", None))
+
+    def compare(self, current: np.ndarray, base: np.ndarray) -> dict:
+        """Win-rate metrics of ``current`` against ``base`` images (both orders)."""
+        fwd = self.judge.compare(self.items, current, base)
+        if self._symmetric():  # the judge already combined both orders
+            rev_w = fwd.winner
+            failures = dict(fwd.failures)
+        else:
+            rev = self.judge.compare(self.items, base, current)
+            rev_w = flip_winner(rev.winner)
+            failures = {k: fwd.failures.get(k, 0) + rev.failures.get(k, 0)
+                        for k in set(fwd.failures) | set(rev.failures)}
+        s = 0.5 * (_scores(fwd.winner) + _scores(rev_w))
+        n = len(s)
+        out = {"eval/win_rate": float(s.mean()),
+               "eval/win_rate_se": float(s.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+               "eval/tie_rate": float(np.mean(s == 0.5)),
+               "eval/order_flip_rate": float(np.mean((fwd.winner != rev_w) & (fwd.winner != 0) & (rev_w != 0))),
+               "eval/pairs": float(n)}
+        for k, v in failures.items():
+            out[f"eval/judge_failures/{k}"] = float(v)
+        return out
+
+    def __call__(self, trainer, iteration: int, writer=None) -> dict:
+        """Evaluate now; returns ``eval/*`` metrics and writes the grid (PNG + TensorBoard)."""
+        base = self.images(trainer, base=True)
+        cur = self.images(trainer, base=False)
+        out = self.compare(cur, base)
+        if self.criteria_fn is not None:
+            table = self.criteria_fn(self.items, cur)
+            for name, v in table.items():
+                out[f"eval/criteria/{name}"] = float(np.mean(v))
+            if "accuracy" in table:
+                out["eval/accuracy"] = float(np.mean(table["accuracy"]))
+        if self.outdir is not None and self.grid_prompts:
+            path = self.save_grid(base, cur, iteration)
+            if writer is not None:
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    writer.add_image("eval/grid", np.asarray(im)[..., :3], iteration, dataformats="HWC")
+        return out
+
+    def save_grid(self, base: np.ndarray, cur: np.ndarray, iteration: int) -> Path:
+        """Base row over current row, one column per shown prompt (its first seed)."""
+        from arr_jax.rpo.figures import save_grid
+
+        pick = np.linspace(0, len(self.prompts) - 1, self.grid_prompts).round().astype(int)
+        idx = [int(i) * self.k for i in pick]
+        title = f"held-out prompts, same seeds: base (LoRA off) vs policy after {iteration} iterations"
+        return save_grid(self.outdir / f"eval_{iteration:05d}.png", [base[idx], cur[idx]],
+                         ["base", f"RPO {iteration}"], title, col_labels=[self.items[i].text for i in idx])

@@ -1,0 +1,297 @@
+"""ARR-RPO from a config: the four factories (policy, prompts, judge, evaluator), the trainer,
+and the training loop with checkpoints, LoRA export, held-out evaluation and pictures.
+
+    run = build_run(cfg)      # arr_jax.policies.build_policy, arr_jax.data.prompts.build_prompts,
+                              # arr_jax.judge.factory.build_judge, build_evaluator
+    history = train(run)      # resumes from <workdir>/checkpoints
+
+Outputs under ``cfg.workdir``: ``checkpoints/`` (orbax: trained weights, optimiser, RNG,
+iteration, metric history), ``lora/step_<N>.safetensors`` and ``lora/final.safetensors``
+(diffusers / PEFT layout; metadata: rubric sha256, judge, policy, RPO settings), ``run.json``
+(what the run is), ``tensorboard/``, ``eval/eval_<N>.png`` grids, ``reward_and_win_rate.png``,
+``curves.png`` and ``report.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from arr_jax.data.prompts import build_prompts, iteration_prompts
+from arr_jax.judge.factory import build_judge
+from arr_jax.policies import build_policy
+from arr_jax.policies.base import Policy, PromptItem
+from arr_jax.rpo.evaluator import Evaluator
+from arr_jax.rpo.trainer import RPOTrainer, rpo_settings
+
+log = logging.getLogger(__name__)
+
+CURVE_KEYS = ("reward_mean", "decisive_rate", "eval/win_rate", "eval/accuracy", "kl", "clip_frac", "ratio_std",
+              "grad_norm", "time/iteration")
+
+
+class RubricMismatchError(ValueError):
+    """A resumed run was started with a different rubric than the one its checkpoints were trained with."""
+
+
+@dataclasses.dataclass
+class RPORun:
+    """Everything one training run is made of (`build_run`)."""
+
+    cfg: Any
+    policy: Policy
+    trainer: RPOTrainer
+    judge: Any                      # arr_jax.judge.reward.RubricJudge
+    evaluator: Evaluator | None
+    train_prompts: list[PromptItem]
+    eval_prompts: list[PromptItem]
+    workdir: Path
+
+    @property
+    def is_writer(self) -> bool:
+        """Process 0 writes files shared by all processes (metrics, pictures, LoRA files)."""
+        return jax.process_index() == 0
+
+
+def mesh_rules(cfg):
+    """Sharding rules over ``cfg.mesh`` when there is more than one device (None on one device)."""
+    if jax.device_count() == 1:
+        return None
+    from arr_jax.sharding import make_mesh, make_rules
+
+    m = cfg.get("mesh", None)
+    return make_rules(make_mesh(**(m.to_dict() if m is not None else {"data": -1})))
+
+
+def world_criteria(items, images) -> dict:
+    """The world's rubric criteria per image (programmatic checks) plus ``accuracy``: the mean of
+    the rewarded ones (colour, shape, count, position)."""
+    from arr_jax.world.evaluate import REWARD_CRITERIA
+    from arr_jax.world.judge import WorldJudge
+
+    table = WorldJudge().check([it.text for it in items], images)
+    table["accuracy"] = np.mean([table[c] for c in REWARD_CRITERIA], axis=0)
+    return table
+
+
+def build_evaluator(cfg, judge, eval_prompts, workdir: Path, rules=None) -> Evaluator | None:
+    """The held-out evaluator (None when ``rpo.eval_every`` is 0). ``eval.judge.kind`` "" means the
+    training judge; any other kind builds a separate evaluation judge (e.g. an API model)."""
+    if not cfg.rpo.get("eval_every", 0):
+        return None
+    e = cfg.eval
+    ej = e.get("judge", None)
+    eval_judge = judge if ej is None or not ej.kind else build_judge(ej, rules=rules, workdir=workdir)
+    return Evaluator(eval_prompts, eval_judge, seeds_per_prompt=e.get("seeds", 1), sampler=e.sampler,
+                     grid_prompts=e.get("grid_prompts", 8), outdir=workdir / "eval",
+                     criteria_fn=world_criteria if cfg.kind == "world" else None)
+
+
+def build_run(cfg) -> RPORun:
+    """Read the prompts first (bad files fail before anything is built), then the policy,
+    the judge and the evaluator, and the trainer over them."""
+    workdir = Path(cfg.workdir)
+    train_prompts = build_prompts(cfg, "train")
+    eval_prompts = build_prompts(cfg, "eval") if cfg.rpo.get("eval_every", 0) else []
+    rules = mesh_rules(cfg)
+    policy = build_policy(cfg, rules)
+    judge = build_judge(cfg.judge, rules=rules, workdir=workdir)
+    if policy.is_editing and not judge.accepts_sources:
+        raise ValueError(f"judge.kind {cfg.judge.kind!r} cannot judge edits: use 'qwen3_vl' or 'api' with the "
+                         f"{cfg.kind} policy")
+    evaluator = build_evaluator(cfg, judge, eval_prompts, workdir, rules)
+    trainer = RPOTrainer(policy, judge, rpo_settings(cfg.rpo), rules=rules, seed=cfg.seed,
+                         trainable="full" if cfg.rpo.get("full_finetune", False) else "lora")
+    return RPORun(cfg=cfg, policy=policy, trainer=trainer, judge=judge, evaluator=evaluator,
+                  train_prompts=train_prompts, eval_prompts=eval_prompts, workdir=workdir)
+
+
+# ---------------------------------------------------------------------------- metadata
+
+def run_metadata(run: RPORun) -> dict:
+    """What the run is: policy, judge (kind, model, rubric and its sha256), RPO settings."""
+    r = run.cfg.rpo
+    return {"policy": run.policy.identity, "judge": run.judge.identity,
+            "rubric_sha256": run.judge.rubric_sha256, "rubric_path": run.judge.identity.get("rubric_path"),
+            "rpo": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.to_dict().items()}}
+
+
+def _signature(run: RPORun) -> dict:
+    r = run.cfg.rpo
+    return {"policy": run.policy.identity, "rubric_sha256": run.judge.rubric_sha256,
+            "lora": {"rank": r.lora_rank, "alpha": r.lora_alpha, "targets": list(r.lora_targets),
+                     "full_finetune": bool(r.get("full_finetune", False))}}
+
+
+def _check_rubric(ckpt, run: RPORun) -> None:
+    stored = (ckpt.metadata().get("model_signature") or {}).get("rubric_sha256")
+    now = run.judge.rubric_sha256
+    if stored != now:
+        raise RubricMismatchError(
+            f"{ckpt.directory} was trained with rubric sha256 {stored} but this run's rubric "
+            f"({run.judge.identity.get('rubric_path') or 'none'}) has sha256 {now}: resume with the same "
+            "rubric file, or start a new --config.workdir")
+
+
+def export_lora(run: RPORun, name: str, iteration: int) -> Path | None:
+    """``<workdir>/lora/<name>.safetensors`` in the diffusers/PEFT layout (process 0 writes)."""
+    if run.policy.export_lora is None or not run.is_writer:
+        return None
+    meta = {**run_metadata(run), "iteration": iteration}
+    return run.policy.export_lora(run.policy.model, run.workdir / "lora" / f"{name}.safetensors", meta)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def train(run: RPORun, *, progress: bool = True) -> list[dict]:
+    """Run RPO iterations up to ``rpo.iterations`` (resuming from ``<workdir>/checkpoints``).
+
+    Every ``rpo.checkpoint_every`` iterations: an orbax checkpoint and ``lora/step_<N>``; every
+    ``rpo.eval_every``: the held-out evaluation. With ``rpo.keep_best`` the run ends on the
+    weights with the best held-out score (``eval/accuracy`` where the kind has one, else
+    ``eval/win_rate``), kept in ``<workdir>/best`` (this selects on the evaluation prompts).
+    Returns the per-iteration metric history.
+    """
+    from tensorboardX import SummaryWriter
+    from tqdm.auto import tqdm
+
+    from arr_jax.checkpoint import Checkpointer
+    from arr_jax.rpo.figures import save_curves, save_reward_and_win_rate
+
+    cfg, trainer, work = run.cfg, run.trainer, run.workdir
+    r = cfg.rpo
+    t_start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    signature = _signature(run)
+    ckpt = Checkpointer((work / "checkpoints").absolute(), max_to_keep=2, model_signature=signature)
+    history: list[dict] = []
+    if ckpt.latest_step() is not None:
+        _check_rubric(ckpt, run)
+        state, extra = ckpt.restore(trainer.state_dict())
+        trainer.load_state_dict(state)
+        history = list(extra.get("history", []))
+        print(f"resumed RPO from iteration {trainer.iteration} ({work / 'checkpoints'})")
+    if run.is_writer:
+        meta = {**run_metadata(run), "policy_info": {k: v for k, v in run.policy.info.items()
+                                                     if isinstance(v, (str, int, float, type(None)))},
+                "config": cfg.to_dict(), "devices": jax.device_count(), "processes": jax.process_count()}
+        (work / "run.json").write_text(json.dumps(meta, indent=2, default=str))
+    print(f"judge {run.judge.name}: " + (f"rubric {run.judge.identity['rubric_path']} (sha256 "
+                                         f"{run.judge.rubric_sha256[:12]})" if run.judge.rubric_sha256
+                                         else "no rubric (direct judge)"))
+    if run.policy.precompute is not None:
+        run.policy.precompute(run.train_prompts + run.eval_prompts)
+    writer = SummaryWriter(str(work / "tensorboard")) if run.is_writer else None
+    keep_best = bool(r.get("keep_best", False)) and run.evaluator is not None
+    best_ckpt = Checkpointer((work / "best").absolute(), max_to_keep=1, model_signature=signature)
+    best = {"iteration": -1, "score": -1.0}
+    if keep_best and best_ckpt.latest_step() is not None:
+        _, best = best_ckpt.restore({"trainable": trainer.trainable})
+    max_fail = float(cfg.judge.get("max_failure_fraction", 1.0))
+    bar = tqdm(total=r.iterations, initial=trainer.iteration, desc="RPO", dynamic_ncols=True,
+               disable=not progress)
+    while trainer.iteration < r.iterations:
+        it = trainer.iteration
+        items = iteration_prompts(run.train_prompts, cfg.seed, it, r.pairs_per_batch)
+        m = trainer.step(items)
+        m["iteration"] = it
+        m.update(run.judge.metrics())
+        failed = judge_failures(m)
+        if failed > max_fail * r.pairs_per_batch:
+            raise RuntimeError(f"iteration {it}: the judge failed on {failed:.0f} of {r.pairs_per_batch} pairs "
+                               f"({ {k: v for k, v in m.items() if k.startswith('judge_failures/')} }), above "
+                               f"judge.max_failure_fraction={max_fail}; the last checkpoint is in {work / 'checkpoints'}")
+        if run.evaluator is not None and (it % r.eval_every == 0 or it + 1 == r.iterations):
+            t0 = time.perf_counter()
+            m.update(run.evaluator(trainer, it + 1, writer))
+            m["time/eval"] = time.perf_counter() - t0
+            score = m.get("eval/accuracy", m["eval/win_rate"])
+            if keep_best and score >= best["score"]:
+                best = {"iteration": it + 1, "score": score}
+                if it + 1 not in best_ckpt.all_steps():  # a resumed run replays identical steps
+                    best_ckpt.save(it + 1, {"trainable": trainer.trainable}, extra=best, force=True)
+        history.append(m)
+        if writer is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, it)
+        bar.update(1)
+        bar.set_postfix(_postfix(m, history))
+        if (it + 1) % r.checkpoint_every == 0 or it + 1 == r.iterations:
+            ckpt.save(it + 1, trainer.state_dict(), extra={"history": history}, force=True)
+            export_lora(run, f"step_{it + 1}", it + 1)
+    bar.close()
+    ckpt.wait()
+    if keep_best and best["iteration"] > 0:
+        best_ckpt.wait()
+        state, best = best_ckpt.restore({"trainable": trainer.trainable})
+        trainer.trainable = state["trainable"]
+        print(f"keep_best: using the weights after iteration {best['iteration']} (held-out score {best['score']:.3f})")
+        if history:
+            history[-1] = {**history[-1], "best_iteration": best["iteration"], "best_score": best["score"]}
+    final = export_lora(run, "final", trainer.iteration)
+    if writer is not None:
+        writer.flush()
+        writer.close()
+    if run.is_writer and history:
+        save_reward_and_win_rate(work / "reward_and_win_rate.png", history,
+                                 f"ARR-RPO: {cfg.kind} policy, judge {run.judge.name}")
+        save_curves(work / "curves.png", history, CURVE_KEYS, f"ARR-RPO: {cfg.kind} policy")
+        _write_report(run, history, final, time.perf_counter() - t_start)
+    return history
+
+
+def judge_failures(m: dict) -> float:
+    """Pairs whose judgement failed in metrics ``m`` (ties and prose fallbacks are outcomes, not failures)."""
+    from arr_jax.judge.parsing import TIE, USABLE
+
+    return sum(v for k, v in m.items() if k.startswith("judge_failures/") and k.split("/", 1)[1] not in USABLE + (TIE,))
+
+
+def _postfix(m: dict, history: list[dict]) -> dict:
+    last_eval = next((h for h in reversed(history) if "eval/win_rate" in h), None)
+    out = {"tie": f"{m['tie_rate']:.2f}", "kl": f"{m['kl']:.1e}", "s/it": f"{m['time/iteration']:.1f}"}
+    if "throughput/images_per_s" in m:
+        out["img/s"] = f"{m['throughput/images_per_s']:.1f}"
+    if last_eval is not None:
+        out["win"] = f"{last_eval['eval/win_rate']:.2f}"
+    return out
+
+
+def _write_report(run: RPORun, history: list[dict], final_lora: Path | None, seconds: float) -> None:
+    last_eval = next((h for h in reversed(history) if "eval/win_rate" in h), {})
+    work = run.workdir
+    report = {"iterations": run.trainer.iteration, "seconds_this_run": seconds,
+              "eval": {k[5:]: v for k, v in last_eval.items() if k.startswith("eval/")},
+              "rubric_sha256": run.judge.rubric_sha256, "judge": run.judge.identity,
+              "last_metrics": history[-1],
+              "outputs": {"lora": str(final_lora) if final_lora else None, "checkpoints": str(work / "checkpoints"),
+                          "tensorboard": str(work / "tensorboard"), "eval_grids": str(work / "eval"),
+                          "figure": str(work / "reward_and_win_rate.png"), "curves": str(work / "curves.png")}}
+    (work / "report.json").write_text(json.dumps(report, indent=2, default=float))
+
+
+def summary(run: RPORun, history: list[dict]) -> str:
+    """The lines `python -m arr_jax.train` ends with: held-out win rate and where the outputs are."""
+    work = run.workdir
+    last_eval = next((h for h in reversed(history) if "eval/win_rate" in h), None)
+    lines = [f"finished {run.trainer.iteration} RPO iterations ({run.cfg.kind} policy, judge {run.judge.name})"]
+    if last_eval is not None:
+        lines.append(f"held-out win rate against the base: {last_eval['eval/win_rate']:.3f} "
+                     f"± {last_eval['eval/win_rate_se']:.3f} (ties {last_eval['eval/tie_rate']:.2f}, "
+                     f"{int(last_eval['eval/pairs'])} pairs)")
+    else:
+        lines.append("no held-out evaluation (rpo.eval_every = 0)")
+    final = work / "lora" / "final.safetensors"
+    lines += [f"LoRA:        {final if final.exists() else 'not exported'}",
+              f"checkpoints: {work / 'checkpoints'}",
+              f"TensorBoard: tensorboard --logdir {work / 'tensorboard'}",
+              f"pictures:    {work / 'reward_and_win_rate.png'}, {work / 'curves.png'}, {work / 'eval'}/",
+              f"report:      {work / 'report.json'}"]
+    return "\n".join(lines)
