@@ -27,6 +27,11 @@ Where transformers would give a wrong picture we scale instead (Pillow's ``conve
   on white by the same Pillow code as RGBA files, so a candidate gives the same pixels whichever way
   it arrives.
 
+Built on it: `to_rgb_uint8_batch` (a batch, e.g. Kontext sources: (B, H, W, C) arrays or lists;
+an ambiguous (2, 32, 32) is refused) and `rgb_encoded` (bytes for storage that decode plainly to
+the same pixels). The grep test in ``tests/test_images.py`` keeps this module the only one in
+arr_jax that opens images or calls Pillow's mode conversion.
+
 Errors: `ImageDecodeError` (a ``ValueError``) naming the input (the file, or the input's type, and
 for arrays dtype and shape; ``name=`` replaces that description), for anything that cannot be
 decoded or has an unsupported layout.
