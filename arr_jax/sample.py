@@ -32,11 +32,11 @@ def read_lines(path: str, what: str) -> list[str]:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """An RGB image file -> uint8 (H, W, 3)."""
-    from PIL import Image
+    """An image file -> uint8 (H, W, 3) RGB by `arr_jax.data.images.to_rgb_uint8` (transparency on
+    white, 16-bit / float scaled); `ImageDecodeError` (a ValueError) naming the file."""
+    from arr_jax.data.images import to_rgb_uint8
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return to_rgb_uint8(path)
 
 
 def make_grid(images: np.ndarray, cols: int) -> np.ndarray:

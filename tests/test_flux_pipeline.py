@@ -188,6 +188,33 @@ def test_bad_image_sizes(tiny, ours):
         check_image_size(1000, 1001, 16)
 
 
+@pytest.mark.parity
+def test_kontext_source_layouts(tiny):
+    """RGBA and grey source arrays are converted by the one image conversion (RGBA over white);
+    a (2, H, W) array is rejected with the expected layout instead of read as one 2xH image."""
+    from PIL import Image
+
+    kontext = FluxPipeline.from_pretrained(tiny["kontext_dir"], t5_max_length=T5_MAX)
+    rng = np.random.default_rng(4)
+    rgba = rng.integers(0, 256, (1, IMAGE, IMAGE, 4), dtype=np.uint8)
+    on_white = np.asarray(Image.alpha_composite(Image.new("RGBA", (IMAGE, IMAGE), (255, 255, 255, 255)),
+                                                Image.fromarray(rgba[0], "RGBA")).convert("RGB"))[None]
+    grey = rgba[0, ..., 0]
+    kw = dict(num_steps=1, latents=np.array(kontext.noise([0], kontext.latent_space(IMAGE, IMAGE, (IMAGE, IMAGE)))))
+    a = kontext.sample(PROMPTS[:1], sources=rgba, **kw)
+    b = kontext.sample(PROMPTS[:1], sources=on_white, **kw)
+    np.testing.assert_array_equal(a.latents, b.latents)
+    assert a.images.shape == (1, IMAGE, IMAGE, 3)
+    g = kontext.sample(PROMPTS[:1], sources=grey, **kw)
+    np.testing.assert_array_equal(g.latents, kontext.sample(PROMPTS[:1], sources=np.repeat(grey[None, ..., None], 3, -1),
+                                                            **kw).latents)
+    np.testing.assert_array_equal(kontext.encode_sources(rgba), kontext.encode_sources(on_white))
+    with pytest.raises(ValueError, match=r"Kontext source images: expected an array \(B, H, W, 3\).*\(2, 32, 32\)"):
+        kontext.sample(PROMPTS, sources=np.zeros((2, 32, 32), np.uint8), num_steps=1)
+    with pytest.raises(ValueError, match=r"source_latents must be packed latents \(B, M, C\)"):
+        kontext.conditioning(PROMPTS[:1], source_latents=np.zeros((4, 4)))
+
+
 def _copy(src, dst, edit):
     shutil.copytree(src, dst)
     edit(dst)

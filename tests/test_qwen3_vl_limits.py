@@ -91,6 +91,7 @@ def test_backend_and_judge_reject_long_prompts_and_bad_images():
     bad[2] = np.zeros((32, 32, 5), np.uint8)         # not an image PIL can make
     with pytest.raises(ImageDecodeError, match=r"request 2 \(pairwise\): could not decode ndarray input"):
         judge.compare(prompts, i1, bad)
-    bad[2] = np.zeros((32, 32, 3), np.float32)
-    with pytest.raises(ImageDecodeError, match=r"request 2 \(pairwise\): image arrays must be uint8"):
+    bad[2] = np.zeros((32, 32, 3), np.int64)          # float in [0, 1] is an image; int64 is not
+    with pytest.raises(ImageDecodeError, match=r"request 2 \(pairwise\): could not decode ndarray input int64 .*"
+                                              r"image arrays must be uint8"):
         judge.compare(prompts, i1, bad)

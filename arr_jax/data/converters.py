@@ -26,19 +26,25 @@ EditReward-Bench (``TIGER-Lab/EditReward-Bench``): parquet shards (or a JSONL ex
   skipped: the judges here may not answer a tie. category: "comparison_type" (else
   "dataset").
 
+Input files: the format comes from the extension, ``.json`` (one document) or ``.jsonl`` (one
+record per line; a file of one line is one record), read as ``utf-8-sig``, with the container type
+checked (`arr_jax.data.json_records.load_records`); errors name the file and line. Extracted
+images are kept as they are when they already decode to plain RGB, else written as the RGB PNG of
+`arr_jax.data.images.to_rgb_uint8` (transparency on white, 16-bit scaled).
+
 Every converter returns a `ConversionReport` with the skip counts by reason.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from PIL import Image
+from arr_jax.data.images import rgb_encoded
+from arr_jax.data.json_records import load_records
 
 
 @dataclasses.dataclass
@@ -49,14 +55,6 @@ class ConversionReport:
 
     def __str__(self) -> str:
         return f"{self.written} pairs -> {self.path}; skipped {self.skipped or 'none'}"
-
-
-def _read_json_or_jsonl(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(text)
-    except ValueError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _write(out_dir: Path, rows: Iterable[dict], skipped: Counter, limit: int | None) -> ConversionReport:
@@ -83,7 +81,7 @@ def convert_hpdv3(json_path: str | os.PathLike, out_dir: str | os.PathLike, limi
                   check_files: bool = True) -> ConversionReport:
     """HPDv3 test/train JSON -> pairs.jsonl (image paths made absolute; images not copied)."""
     src = Path(json_path)
-    items = _read_json_or_jsonl(src)
+    items = [r.data for r in load_records(src)]
     skipped: Counter = Counter()
 
     def rows():
@@ -113,8 +111,7 @@ def convert_mmrb2(json_path: str | os.PathLike, out_dir: str | os.PathLike, task
         raise ValueError(f"task must be 't2i' or 'edit' and multi_source 'skip' or 'first'; got {task!r}, "
                          f"{multi_source!r}")
     src = Path(json_path)
-    data = _read_json_or_jsonl(src)
-    pairs = data["pairs"] if isinstance(data, dict) else data
+    pairs = [r.data for r in load_records(src, key="pairs")]
     skipped: Counter = Counter()
 
     def rows():
@@ -170,19 +167,17 @@ def _image_bytes(v: Any, root: Path) -> bytes | None:
     return None
 
 
-def _save_image(data: bytes, stem: Path) -> str:
-    with Image.open(io.BytesIO(data)) as im:
-        ext = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}.get(im.format)
-        if ext is None or im.mode != "RGB":
-            path = stem.with_suffix(".png")
-            im.convert("RGB").save(path, format="PNG")
-            return str(path)
-    path = stem.with_suffix(ext)
-    path.write_bytes(data)
+def _save_image(data: bytes, stem: Path, name: str) -> str:
+    """Write an embedded image as ``stem.<ext>``: the original bytes when they already decode to the
+    RGB pixels of `arr_jax.data.images.to_rgb_uint8`, else an RGB PNG of those pixels."""
+    out, ext = rgb_encoded(data, name=name)
+    path = stem.with_suffix("." + ext)
+    path.write_bytes(out)
     return str(path)
 
 
-def _editreward_rows(paths: Sequence[Path]) -> Iterable[tuple[dict, Path]]:
+def _editreward_rows(paths: Sequence[Path]) -> Iterable[tuple[dict, Path, str]]:
+    """(row, folder for relative image paths, where the row is for messages) over the files."""
     for p in paths:
         if p.suffix == ".parquet":
             try:
@@ -190,12 +185,14 @@ def _editreward_rows(paths: Sequence[Path]) -> Iterable[tuple[dict, Path]]:
             except ImportError:
                 raise ImportError("reading parquet needs pyarrow (pip install pyarrow), or export the "
                                   "dataset to JSONL first") from None
+            n = 0
             for batch in pq.ParquetFile(p).iter_batches(batch_size=64):
                 for row in batch.to_pylist():
-                    yield row, p.parent
+                    yield row, p.parent, f"{p}: row {n}"
+                    n += 1
         else:
-            for row in _read_json_or_jsonl(p):
-                yield row, p.parent
+            for r in load_records(p):
+                yield r.data, p.parent, r.where
 
 
 def convert_editreward_bench(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -215,7 +212,7 @@ def convert_editreward_bench(paths: str | os.PathLike | Sequence[str | os.PathLi
     seen: set[str] = set()
 
     def rows():
-        for i, (r, root) in enumerate(_editreward_rows(paths)):
+        for i, (r, root, where) in enumerate(_editreward_rows(paths)):
             if subset and r.get("dataset") not in (None, subset):
                 skipped[f"subset_{r.get('dataset')}"] += 1
                 continue
@@ -229,7 +226,8 @@ def convert_editreward_bench(paths: str | os.PathLike | Sequence[str | os.PathLi
                 continue
             rid = str(r.get("id", f"editreward-{i:06d}")).replace("/", "_")
             stem = out / "images" / f"{i:06d}_{rid}"[:120]
-            files = [_save_image(b, stem.with_name(stem.name + suf)) for b, suf in zip(imgs, ("_src", "_1", "_2"))]
+            files = [_save_image(b, stem.with_name(stem.name + suf), f"{where}: {k}")
+                     for b, suf, k in zip(imgs, ("_src", "_1", "_2"), ("source_image", "candidate_1", "candidate_2"))]
             uid = rid if rid not in seen else f"{rid}-{i}"  # one sample can yield several pairs
             seen.add(uid)
             yield {"id": uid, "prompt": str(r.get("instruction", "")),

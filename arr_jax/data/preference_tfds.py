@@ -1,9 +1,10 @@
 """Preference pairs: the local JSONL format, a reader, and a tfds builder (array_record, no TF).
 
-Local format: a JSONL file, one pair per line; image paths are relative to the file's folder
-(or absolute)::
+Local format: a JSONL file (``.jsonl``), one pair per line (a ``.json`` file holding an array of
+the same objects is read too: the format comes from the extension; UTF-8 with or without BOM);
+image paths are relative to the file's folder (or absolute)::
 
-    {"id": "hpd-000017",                 # optional (default: "<file stem>-<line number>")
+    {"id": "hpd-000017",                 # optional (default: "<file stem>-<line number / position>")
      "prompt": "a red bicycle",          # the prompt, or the editing instruction
      "image1": "images/000017_a.jpg",    # the two candidates, in the order to judge ("fwd")
      "image2": "images/000017_b.jpg",
@@ -14,11 +15,13 @@ Local format: a JSONL file, one pair per line; image paths are relative to the f
 
 `arr_jax.data.converters` writes this format from published benchmark layouts.
 
-``JsonlPairs(path)`` reads it directly (images decoded on access). ``build_preference(data_dir,
-name, {"train": a.jsonl, "test": b.jsonl})`` packs it into tfds array_record files (original
-image bytes kept when already RGB PNG/JPEG/WebP); ``load_preference(data_dir, config, split)``
-returns a random-access sequence of `PreferencePair` over the built split. Editing pairs and
-T2I pairs may share a file: ``has_source`` tells them apart (T2I pairs store a 1x1 placeholder).
+``JsonlPairs(path)`` reads it directly (images decoded on access by
+`arr_jax.data.images.to_rgb_uint8`: transparency on white, 16-bit / float scaled).
+``build_preference(data_dir, name, {"train": a.jsonl, "test": b.jsonl})`` packs it into tfds
+array_record files (original image bytes kept when they already decode to those RGB pixels, else
+their RGB PNG); ``load_preference(data_dir, config, split)`` returns a random-access sequence of
+`PreferencePair` over the built split. Editing pairs and T2I pairs may share a file:
+``has_source`` tells them apart (T2I pairs store a 1x1 placeholder).
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from arr_jax.data.images import rgb_encoded, to_rgb_uint8
+from arr_jax.data.json_records import load_records
 
 
 @dataclasses.dataclass(eq=False)
@@ -73,65 +79,53 @@ def parse_label(v: Any) -> int:
 
 
 def read_image(path: str | os.PathLike | bytes) -> np.ndarray:
-    """An image file (or encoded bytes) as uint8 (H, W, 3) RGB."""
-    src = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path
-    with Image.open(src) as im:
-        return np.asarray(im.convert("RGB"), np.uint8)
+    """An image file (or encoded bytes) as uint8 (H, W, 3) RGB, by `arr_jax.data.images.to_rgb_uint8`
+    (transparency on white, 16-bit / float scaled); `ImageDecodeError` (a ValueError) naming the file."""
+    return to_rgb_uint8(path)
 
 
 def rgb_bytes(path: str | os.PathLike) -> bytes:
-    """Encoded bytes of an image file, as is if it is an RGB PNG/JPEG/WebP, else re-encoded
-    as an RGB PNG (so every stored image decodes to 3 channels)."""
-    data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode == "RGB" and im.format in ("PNG", "JPEG", "WEBP"):
-            return data
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
-        return buf.getvalue()
+    """Encoded bytes of an image file that decode to `read_image`'s pixels: the file as is when a
+    plain decode already gives them (see `arr_jax.data.images.rgb_encoded`), else an RGB PNG."""
+    return rgb_encoded(Path(path).read_bytes(), name=f"file {os.fspath(path)}")[0]
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    """Validated records of a pairs JSONL file, image paths made absolute. Errors name the line."""
+    """Validated records of a pairs file, image paths made absolute. ``.jsonl``: one pair per line
+    (the documented format); ``.json``: an array of pairs (`arr_jax.data.json_records`: format
+    from the extension, UTF-8 with or without BOM). Errors name the file and line (or record)."""
     path = Path(path)
     root = path.parent
     out, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                d = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where}: not JSON: {e}") from None
-            for k in ("prompt", "image1", "image2", "label"):
-                if k not in d:
-                    raise ValueError(f"{where}: missing field {k!r}")
-            try:
-                label = parse_label(d["label"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            rec = {"id": str(d.get("id", f"{path.stem}-{n}")), "prompt": str(d["prompt"]), "label": label,
-                   "category": str(d.get("category", "") or ""), "meta": d.get("meta", {}) or {}}
-            if rec["id"] in seen:
-                raise ValueError(f"{where}: duplicate id {rec['id']!r}")
-            seen.add(rec["id"])
-            for k in ("image1", "image2", "source"):
-                if d.get(k):
-                    p = Path(d[k])
-                    p = p if p.is_absolute() else root / p
-                    if not p.exists():
-                        raise FileNotFoundError(f"{where}: {k} file {p} does not exist")
-                    rec[k] = str(p)
-                else:
-                    rec[k] = None
-            out.append(rec)
+    for r in load_records(path):
+        d, where = r.data, r.where
+        for k in ("prompt", "image1", "image2", "label"):
+            if k not in d:
+                raise ValueError(f"{where}: missing field {k!r}")
+        try:
+            label = parse_label(d["label"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        rec = {"id": str(d.get("id", f"{path.stem}-{r.number}")), "prompt": str(d["prompt"]), "label": label,
+               "category": str(d.get("category", "") or ""), "meta": d.get("meta", {}) or {}}
+        if rec["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        for k in ("image1", "image2", "source"):
+            if d.get(k):
+                p = Path(d[k])
+                p = p if p.is_absolute() else root / p
+                if not p.exists():
+                    raise FileNotFoundError(f"{where}: {k} file {p} does not exist")
+                rec[k] = str(p)
+            else:
+                rec[k] = None
+        out.append(rec)
     return out
 
 
 class JsonlPairs(Sequence):
-    """Random-access PreferencePairs straight from a JSONL file (images read on access)."""
+    """Random-access PreferencePairs straight from a pairs file (JSONL, or a JSON array; images read on access)."""
 
     def __init__(self, path: str | os.PathLike, limit: int | None = None):
         self.path = Path(path)

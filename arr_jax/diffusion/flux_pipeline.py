@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arr_jax.data.images import to_rgb_uint8_batch
 from arr_jax.diffusion.rollout import Trajectory, sde_rollout
 from arr_jax.diffusion.schedule import rollout_sigmas
 from arr_jax.diffusion.sde import ode_step
@@ -321,24 +322,35 @@ class FluxPipeline:
 
     # --- conditioning and noise ---------------------------------------------------------------
     def encode_sources(self, images) -> np.ndarray:
-        """Kontext source images uint8 (B, H, W, 3) -> scaled, packed latents (B, M, C) float32."""
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[None]
-        if images.dtype != np.uint8:
-            raise ValueError(f"source images must be uint8 (B, H, W, 3), got {images.dtype}")
+        """Kontext source images -> scaled, packed latents (B, M, C) float32.
+
+        ``images``: uint8 (B, H, W, 3), or anything `arr_jax.data.images.to_rgb_uint8_batch` takes
+        ((B, H, W, 1|4), one (H, W[, C]) image, a list of files / PIL images / arrays; RGBA on
+        white, 16-bit / float scaled). Another layout, e.g. (2, 32, 32), is an `ImageDecodeError`
+        (a ValueError) naming the expected (B, H, W, 3).
+        """
+        images = to_rgb_uint8_batch(images, name="Kontext source images")
         check_image_size(images.shape[1], images.shape[2], 2 * self.vae_factor, what="Kontext source image")
         return np.asarray(_encode_image_jit(self._vae[0], self._vae[1], jnp.asarray(from_uint8(images))))
 
-    def conditioning(self, prompts: Sequence[str], guidance: float = 3.5, sources=None) -> dict:
-        """The ``cond`` pytree of `FluxLatentSpace.apply` for ``prompts`` (B entries)."""
+    def conditioning(self, prompts: Sequence[str], guidance: float = 3.5, sources=None,
+                     source_latents=None) -> dict:
+        """The ``cond`` pytree of `FluxLatentSpace.apply` for ``prompts`` (B entries).
+
+        Kontext: ``sources`` are images (see `encode_sources`), or ``source_latents`` (B or 1, M, C)
+        are their already encoded latents; one source (or latent) is repeated over the prompts.
+        """
+        if sources is not None and source_latents is not None:
+            raise ValueError("give Kontext sources either as images (sources) or as latents (source_latents)")
         emb = self.encode_prompts(prompts)
         b = len(prompts)
         cond = {"txt": jnp.asarray(emb["txt"]), "pooled": jnp.asarray(emb["pooled"])}
         if self.transformer.config.guidance_embeds:
             cond["guidance"] = jnp.full((b,), guidance, jnp.float32)
-        if sources is not None:
-            src = self.encode_sources(sources) if np.asarray(sources).dtype == np.uint8 else np.asarray(sources)
+        if sources is not None or source_latents is not None:
+            src = self.encode_sources(sources) if sources is not None else np.asarray(source_latents)
+            if src.ndim != 3:
+                raise ValueError(f"source_latents must be packed latents (B, M, C), got shape {src.shape}")
             if src.shape[0] == 1 and b > 1:
                 src = np.repeat(src, b, axis=0)
             if src.shape[0] != b:
@@ -364,13 +376,11 @@ class FluxPipeline:
         return jax.tree.map(put, tree)
 
     def _prepare(self, prompts, height, width, guidance, sources, seeds, latents):
-        sources_u8 = None if sources is None else np.asarray(sources)
-        if sources_u8 is not None and sources_u8.ndim == 3:
-            sources_u8 = sources_u8[None]
+        if self.kind == "flux" and sources is not None:
+            raise ValueError("source images given, but this snapshot is a text-to-image FluxPipeline")
+        sources_u8 = None if sources is None else to_rgb_uint8_batch(sources, name="Kontext source images")
         if self.kind == "kontext" and sources_u8 is None:
             raise ValueError("the Kontext pipeline needs source images (sources=uint8 (B, H, W, 3))")
-        if self.kind == "flux" and sources_u8 is not None:
-            raise ValueError("source images given, but this snapshot is a text-to-image FluxPipeline")
         if sources_u8 is not None:
             check_image_size(sources_u8.shape[1], sources_u8.shape[2], 2 * self.vae_factor,
                              what="Kontext source image")
@@ -394,7 +404,8 @@ class FluxPipeline:
                sources=None) -> SampleOutput:
         """Deterministic sampling (evaluation): FluxPipeline's Euler steps and sigmas.
 
-        ``latents`` (B, N, C) override ``seeds``; ``sources`` (Kontext) are uint8 (B or 1, H, W, 3);
+        ``latents`` (B, N, C) override ``seeds``; ``sources`` (Kontext) are uint8 (B or 1, H, W, 3)
+        (or any layout `encode_sources` takes);
         height/width default to the source size (Kontext), else to 1024 as in diffusers.
         """
         space, cond, x = self._prepare(prompts, height, width, guidance, sources, seeds, latents)

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from arr_jax.data.images import to_rgb_uint8
 from arr_jax.judge.templates import ChatRequest, ImagePart
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
@@ -44,20 +45,19 @@ class AuthenticationError(APIError):
     """HTTP 401/403: the key is missing, wrong or lacks access."""
 
 
-def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 90, max_side: int | None = None) -> str:
-    """uint8 (H, W, 3) -> ``data:image/<fmt>;base64,...``, downscaled (aspect kept) so that
-    its longer side is at most ``max_side`` when given."""
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        raise ValueError(f"expected a uint8 (H, W, 3) image, got {arr.dtype} {arr.shape}")
-    im = Image.fromarray(arr)
+def encode_image(image: Any, fmt: str = "png", quality: int = 90, max_side: int | None = None) -> str:
+    """An image (uint8 (H, W, 3), or anything `arr_jax.data.images.to_rgb_uint8` takes: other
+    layouts, dtypes, files, bytes, PIL images; transparency composited on white) ->
+    ``data:image/<fmt>;base64,...`` of its RGB pixels, downscaled (aspect kept) so that its longer
+    side is at most ``max_side`` when given. `ImageDecodeError` (a ValueError) for a bad image."""
+    im = Image.fromarray(to_rgb_uint8(image))
     if max_side and max(im.size) > max_side:
         scale = max_side / max(im.size)
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
     buf = io.BytesIO()
     fmt = fmt.lower()
     if fmt in ("jpg", "jpeg"):
-        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+        im.save(buf, format="JPEG", quality=quality)
         mime = "jpeg"
     elif fmt == "png":
         im.save(buf, format="PNG")

@@ -1,7 +1,8 @@
 """Qwen3-VL prompt and image processing without transformers (PIL + numpy + `tokenizers`).
 
 Matches the Hugging Face ``Qwen3VLProcessor`` with its PIL image processor:
-  * images are converted to RGB (transparency composited on white), resized with bicubic
+  * images are converted to RGB by `arr_jax.data.images.to_rgb_uint8` (transparency composited on
+    white, as transformers' ``convert_to_rgb``; 16-bit and float images scaled), resized with bicubic
     resampling so both sides are multiples of ``patch_size * merge_size`` and the pixel count lies
     within ``[min_pixels, max_pixels]`` (`smart_resize`), scaled to [0, 1] and normalised;
   * patchified into ``(grid_h * grid_w, C * T * P * P)`` rows in spatial-merge-block order, the
@@ -17,22 +18,17 @@ with fixed-size images (e.g. generated 1024^2 pairs) every batch then has the sa
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from arr_jax.data.images import ImageDecodeError, to_rgb_uint8
 from arr_jax.judge.decode import left_pad
 from arr_jax.models.qwen3_vl import Qwen3VLConfig, prepare_inputs
-
-
-class ImageDecodeError(ValueError):
-    """An input could not be decoded as an image."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,32 +62,9 @@ class ImageConfig:
 
 
 def load_image(src: Any) -> Image.Image:
-    """PIL image (RGB) from a PIL image, encoded bytes, a file path or an ``(H, W[, C])`` uint8 array."""
-    try:
-        if isinstance(src, Image.Image):
-            img = src
-        elif isinstance(src, (bytes, bytearray, memoryview)):
-            img = Image.open(io.BytesIO(bytes(src)))
-            img.load()
-        elif isinstance(src, (str, os.PathLike)):
-            img = Image.open(src)
-            img.load()
-        elif isinstance(src, np.ndarray):
-            arr = src
-            if arr.dtype != np.uint8:
-                raise ImageDecodeError(f"image arrays must be uint8 (H, W[, C]); got {arr.dtype} {arr.shape}")
-            img = Image.fromarray(arr)
-        else:
-            raise ImageDecodeError(f"cannot make an image from a {type(src).__name__}")
-    except ImageDecodeError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, TypeError) as e:
-        what = f"file {src!s}" if isinstance(src, (str, os.PathLike)) else f"{type(src).__name__} input"
-        raise ImageDecodeError(f"could not decode {what} as an image: {e}") from None
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+    """PIL RGB image of ``src`` (path, bytes, PIL image or array) by `arr_jax.data.images.to_rgb_uint8`:
+    transparency composited on white, 16-bit / float images scaled; `ImageDecodeError` naming the input."""
+    return Image.fromarray(to_rgb_uint8(src))
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
