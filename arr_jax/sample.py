@@ -8,6 +8,18 @@
 Writes ``outdir/00000_s0.png`` ... (prompt index, seed), ``outdir/grid.png`` and
 ``outdir/samples.json`` (file -> prompt, seed, source). Prompt embeddings are cached in
 ``cache_dir``, so a rerun on the same prompts skips T5/CLIP.
+
+The paper's generation benchmarks, in the layouts their own scorers read (`arr_jax.data.benchmarks`):
+
+    python -m arr_jax.sample --config configs/flux_dev_t2i.py --config.model_dir=/path/to/FLUX.1-dev \
+        --config.sample.benchmark=geneval --config.sample.benchmark_path=geneval/prompts/evaluation_metadata.jsonl \
+        --config.outdir=runs/geneval
+    python -m arr_jax.sample --config configs/flux_dev_t2i.py --config.model_dir=/path/to/FLUX.1-dev \
+        --config.sample.benchmark=dpg --config.sample.benchmark_path=ELLA/dpg_bench/prompts --config.outdir=runs/dpg
+
+GenEval: ``outdir/00000/{metadata.jsonl, grid.png, samples/0000.png ...}`` (``sample.benchmark_samples``
+per prompt, default 4); DPG-Bench: ``outdir/<id>.png``, a 2x2 grid of 4 samples. A rerun skips
+the prompts already complete.
 """
 from __future__ import annotations
 
@@ -63,14 +75,69 @@ def build_pipeline(cfg):
     return pipe
 
 
+def benchmark_sample_fn(cfg, pipe):
+    """``(prompts, seeds) -> uint8 (B, H, W, 3)`` with ``cfg.sample``'s sampler (ODE; or the SDE, whose
+    step noise comes from ``cfg.seed`` and the batch's first seed)."""
+    import jax
+
+    from arr_jax.diffusion.flux_pipeline import to_uint8
+
+    s = cfg.sample
+    kw = dict(height=s.height or None, width=s.width or None, guidance=s.guidance)
+    key = jax.random.key(cfg.seed)
+
+    def sample_fn(prompts, seeds):
+        if s.sampler == "ode":
+            return to_uint8(pipe.sample(prompts, num_steps=s.num_steps, seeds=seeds, **kw).images)
+        _, imgs = pipe.rollout(prompts, jax.random.fold_in(key, seeds[0]), num_steps=s.num_steps, eta=s.eta,
+                               seeds=seeds, **kw)
+        return to_uint8(imgs)
+
+    return sample_fn
+
+
+def run_benchmark(cfg) -> list[Path]:
+    """``cfg.sample.benchmark`` ("geneval" | "dpg"): read ``sample.benchmark_path``, write that benchmark's
+    layout into ``cfg.outdir``; returns the written paths. Input errors come before the model loads."""
+    from arr_jax.data import benchmarks
+
+    s = cfg.sample
+    if s.benchmark not in benchmarks.KINDS:
+        raise ValueError(f"sample.benchmark must be '', 'geneval' or 'dpg', got {s.benchmark!r}")
+    if cfg.kind != "flux":
+        raise ValueError(f"sample.benchmark={s.benchmark!r} is text-to-image; this config's kind is {cfg.kind!r}")
+    if s.sampler not in ("ode", "sde"):
+        raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+    if not s.benchmark_path:
+        what = "GenEval's evaluation_metadata.jsonl" if s.benchmark == "geneval" else "DPG-Bench's prompts folder"
+        raise ValueError(f"set --config.sample.benchmark_path ({what})")
+    if s.benchmark == "dpg" and (not s.height or s.height != s.width):
+        raise ValueError(f"DPG-Bench's scorer crops square samples: set sample.height = sample.width > 0 "
+                         f"(got {s.height} x {s.width})")
+    items = benchmarks.read_prompts(s.benchmark, s.benchmark_path)
+    layout = benchmarks.make_layout(s.benchmark, cfg.outdir, n_samples=s.benchmark_samples, grid=s.benchmark_grid,
+                                    resolution=s.height)
+    if not cfg.model_dir:
+        raise ValueError("set --config.model_dir to a diffusers FLUX snapshot directory")
+    pipe = build_pipeline(cfg)
+    res = benchmarks.write_benchmark(layout, items, benchmark_sample_fn(cfg, pipe), batch_size=s.batch_size,
+                                     seed=cfg.seed)
+    print(f"{s.benchmark}: {res.total} prompts in {layout.outdir} ({res.total - res.skipped} written, "
+          f"{res.skipped} already complete); {layout.score_hint()}")
+    return res.written
+
+
 def run(cfg) -> list[Path]:
-    """Sample every (prompt, image index) of ``cfg``; returns the written PNG paths (grid last)."""
+    """Sample every (prompt, image index) of ``cfg``; returns the written PNG paths (grid last).
+    With ``cfg.sample.benchmark`` set, `run_benchmark` instead."""
     import jax
     from PIL import Image
     from tqdm.auto import tqdm
 
     from arr_jax.diffusion.flux_pipeline import to_uint8
 
+    if cfg.sample.get("benchmark", ""):
+        return run_benchmark(cfg)
     prompts = read_lines(cfg.prompts_file, "prompts_file")
     sources = None
     if cfg.kind == "flux_kontext":

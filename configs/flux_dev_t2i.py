@@ -57,6 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.images_per_prompt = 1
     c.sample.batch_size = 4
     c.sample.grid_cols = 4
+    # benchmarks (arr_jax.data.benchmarks): write GenEval's / DPG-Bench's own layout into outdir, ready to score
+    c.sample.benchmark = ""         # "" (prompts_file), "geneval" or "dpg"
+    c.sample.benchmark_path = ""    # geneval: evaluation_metadata.jsonl; dpg: ELLA's dpg_bench/prompts folder
+    c.sample.benchmark_samples = 4  # images per prompt (GenEval's default 4; DPG: always 4, one 2x2 grid)
+    c.sample.benchmark_grid = True  # GenEval: also write each folder's optional grid.png
 
     # --- RPO (SPEC §2, T2I column) ------------------------------------------------------------
     c.rpo = ml_collections.ConfigDict()
