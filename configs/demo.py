@@ -170,3 +170,16 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.eval.num_prompts = 8
     c.eval.grid_prompts = 2
     c.eval.report_seeds = 2
+
+
+ENTRY = "arr_jax.demo"  # what `python -m arr_jax.sweep` runs for each point
+
+
+def get_hyper(h):
+    """``python -m arr_jax.sweep --config configs/demo.py``: learning rate × KL beta × RPO seed,
+    3 × 2 × 2 = 12 demo runs (about 9 minutes each on 2 CPU cores)."""
+    return h.product([
+        h.sweep("config.rpo.learning_rate", [2.5e-4, 5e-4, 1e-3]),
+        h.sweep("config.rpo.kl_beta", [0.01, 0.03]),
+        h.sweep("config.seed", [0, 1]),
+    ])

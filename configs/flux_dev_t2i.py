@@ -148,3 +148,17 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.eval.num_prompts = 4
     c.eval.grid_prompts = 2
     c.eval.num_steps = 2
+
+
+ENTRY = "arr_jax.train"  # what `python -m arr_jax.sweep` runs for each point
+
+
+def get_hyper(h):
+    """``python -m arr_jax.sweep --config configs/flux_dev_t2i.py``: the two RPO presets.
+
+    "paper": the paper's k1 KL estimate with -0.1 for the loser; "stable": the closed-form
+    Gaussian KL with -1 for the loser (what the demo needed to learn without drifting)."""
+    return h.zipit([
+        h.sweep("config.rpo.kl_type", ["k1", "gaussian"]),      # paper, stable
+        h.sweep("config.rpo.lose_penalty", [0.1, 1.0]),
+    ])
