@@ -55,25 +55,67 @@ def validate(cfg) -> None:
         from arr_jax.rpo.trainer import rpo_settings
 
         rpo_settings(cfg.rpo).validate()
-    if "eval" in cfg:
+    if "eval" in cfg and "sampler" in cfg.eval:
         need(cfg.eval.sampler in ("sde", "ode"), "eval.sampler", f"{cfg.eval.sampler!r} is not 'sde' or 'ode'")
+    if "judge" in cfg and "kind" in cfg.judge:
+        from arr_jax.judge.factory import JUDGE_KINDS
+
+        need(cfg.judge.kind in JUDGE_KINDS, "judge.kind", f"{cfg.judge.kind!r} is not one of {JUDGE_KINDS}")
+        need(cfg.judge.symmetrize in ("off", "agree", "mean"), "judge.symmetrize",
+             f"{cfg.judge.symmetrize!r} is not 'off', 'agree' or 'mean'")
+        need(cfg.judge.prompt_rubrics in ("off", "generate"), "judge.prompt_rubrics",
+             f"{cfg.judge.prompt_rubrics!r} is not 'off' or 'generate'")
+        need(0 <= cfg.judge.max_failure_fraction <= 1, "judge.max_failure_fraction", "must be in [0, 1]")
+    if "kind" in cfg and "rpo" in cfg:
+        from arr_jax.policies import KINDS
+
+        need(cfg.kind in KINDS, "kind", f"{cfg.kind!r} is not one of {sorted(KINDS)}")
+
+
+class _QuietLibraries:
+    """A logging filter: drops INFO/WARNING records of tensorflow-datasets (its "custom data
+    configuration" and "no dataset_info.json" notes for our locally generated datasets)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 40 or "tensorflow_datasets" not in (record.pathname or "")
+
+
+# What a user can fix: raised by arr_jax's own checks, shown as one "error: ..." line (exit 2)
+# instead of a traceback. The same exception types raised inside a library keep their traceback;
+# ARR_JAX_TRACEBACK=1 shows it for ours too.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _raised_by_arr_jax(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(
+        str(Path(__file__).resolve().parent))
 
 
 def run_main(main) -> None:
-    """absl entry with orbax/absl INFO chatter silenced (progress bars carry the news)."""
+    """absl entry: distributed start-up when asked, quiet library logs, user errors as one line."""
     import logging
+    import os
+    import sys
 
     from absl import logging as absl_logging
 
     def wrapped(argv):
-        import os
-
         if os.environ.get("ARR_JAX_DISTRIBUTED") == "1":  # set by launch/*.sh on multi-host runs
             import jax
 
             jax.distributed.initialize()
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("absl").setLevel(logging.WARNING)
-        return main(argv)
+        logging.getLogger("absl").addFilter(_QuietLibraries())
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            if os.environ.get("ARR_JAX_TRACEBACK") == "1" or not _raised_by_arr_jax(e):
+                raise
+            print(f"error: {e}\n(ARR_JAX_TRACEBACK=1 shows the traceback)", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     app.run(wrapped)

@@ -4,8 +4,10 @@
 
 Captions are corrupted per attribute (``world.p_wrong``, ``world.p_drop``), so the base policy
 can draw every attribute value but binds it to the prompt unreliably: the starting point RPO
-needs. Resumable (orbax checkpoints in ``pretrain.workdir``); writes the base checkpoint
-``base_checkpoint`` (safetensors + JSON with seed, config and loss).
+needs. Resumable (orbax checkpoints in ``pretrain.workdir``). Writes the base checkpoint
+(safetensors + JSON with seed, config and loss) to ``base_checkpoint`` when that names a file,
+else to ``<pretrain.workdir>/base_policy.safetensors``; it replaces the base policy shipped in
+the package (the one the README's numbers come from) only with ``pretrain.replace_shipped=True``.
 """
 from __future__ import annotations
 
@@ -63,6 +65,21 @@ def make_train_step(graphdef, tx, patch: int, size: int, max_tokens: int, time_s
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def output_path(cfg) -> Path:
+    """Where `run` writes the base checkpoint (see the module docstring)."""
+    from arr_jax.policies.world import shipped_base_checkpoint
+
+    if cfg.pretrain.get("replace_shipped", False):
+        return shipped_base_checkpoint()
+    if cfg.base_checkpoint:
+        out = Path(cfg.base_checkpoint)
+        if out.resolve() == shipped_base_checkpoint().resolve():
+            raise ValueError(f"--config.base_checkpoint={out} is the shipped base policy; set "
+                             "--config.pretrain.replace_shipped=True to overwrite it")
+        return out
+    return Path(cfg.pretrain.workdir) / "base_policy.safetensors"
+
+
 def run(cfg) -> dict:
     """Pretrain (resuming if a checkpoint exists) and write the base checkpoint. Returns info."""
     from tqdm.auto import tqdm
@@ -70,6 +87,7 @@ def run(cfg) -> dict:
     from arr_jax.checkpoint import Checkpointer
 
     pc = cfg.pretrain
+    out = output_path(cfg)  # a refused destination stops before any work
     t_start = time.perf_counter()
     images, captions, _ = load_world_arrays(cfg, "train")
     tokens, _ = spec.tokenize(captions, cfg.model.max_tokens)
@@ -110,8 +128,10 @@ def run(cfg) -> dict:
     info = {"seed": cfg.seed, "steps": pc.steps, "model": cfg.model.to_dict(), "world": cfg.world.to_dict(),
             "pretrain": pc.to_dict(), "final_loss": losses[-1][1] if losses else None,
             "seconds_this_run": time.perf_counter() - t_start}
-    save_base(policy, cfg.base_checkpoint, info)
-    print(f"wrote base policy {cfg.base_checkpoint} (final loss {info['final_loss']})")
+    save_base(policy, out, info)
+    print(f"wrote base policy {out} (final loss {info['final_loss']})")
+    if not cfg.base_checkpoint and not cfg.pretrain.get("replace_shipped", False):
+        print(f"use it with --config.base_checkpoint={out}")
     return info
 
 

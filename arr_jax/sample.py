@@ -43,6 +43,39 @@ def read_lines(path: str, what: str) -> list[str]:
     return lines
 
 
+def read_jobs(cfg) -> tuple[list[str], list | None, list[str] | None]:
+    """(prompts, sources, source names) to sample, checked before any model is loaded.
+
+    ``prompts_file`` is a .txt (one prompt per line) or a .jsonl (``prompt``, and for editing
+    ``source``: a path relative to the JSONL file, see `arr_jax.data.prompts`). For a .txt with an
+    editing config, ``sources_file`` lists one source image per line, relative to that file.
+    """
+    editing = cfg.kind in ("flux_kontext", "qwen_image_edit")
+    if not cfg.prompts_file:
+        raise ValueError("set --config.prompts_file (a .txt file with one prompt per line, or a .jsonl file)")
+    if Path(cfg.prompts_file).suffix == ".jsonl":
+        from arr_jax.data.prompts import read_prompt_file
+
+        items = read_prompt_file(cfg.prompts_file, require_sources=editing)
+        if not editing:
+            return [it.text for it in items], None, None
+        return [it.text for it in items], [it.source for it in items], [it.origin for it in items]
+    prompts = read_lines(cfg.prompts_file, "prompts_file")
+    if not editing:
+        return prompts, None, None
+    base = Path(cfg.sources_file).parent if cfg.sources_file else Path(".")
+    lines = read_lines(cfg.sources_file, "sources_file")
+    if len(lines) != len(prompts):
+        raise ValueError(f"sources_file {cfg.sources_file} has {len(lines)} lines but prompts_file "
+                         f"{cfg.prompts_file} has {len(prompts)}")
+    paths = [Path(x) if Path(x).is_absolute() else base / x for x in lines]
+    for n, p in enumerate(paths, 1):
+        if not p.exists():
+            raise FileNotFoundError(f"{cfg.sources_file}:{n}: source image {p} does not exist (paths are "
+                                    "relative to the sources file)")
+    return prompts, [str(p) for p in paths], [str(p) for p in paths]
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """An image file -> uint8 (H, W, 3) RGB by `arr_jax.data.images.to_rgb_uint8` (transparency on
     white, 16-bit / float scaled); `ImageDecodeError` (a ValueError) naming the file."""
@@ -138,13 +171,7 @@ def run(cfg) -> list[Path]:
 
     if cfg.sample.get("benchmark", ""):
         return run_benchmark(cfg)
-    prompts = read_lines(cfg.prompts_file, "prompts_file")
-    sources = None
-    if cfg.kind == "flux_kontext":
-        paths = read_lines(cfg.sources_file, "sources_file")
-        if len(paths) != len(prompts):
-            raise ValueError(f"sources_file has {len(paths)} lines but prompts_file has {len(prompts)}")
-        sources = paths
+    prompts, sources, source_names = read_jobs(cfg)
     s = cfg.sample
     pipe = build_pipeline(cfg)
     jobs = [(i, cfg.seed + k) for i in range(len(prompts)) for k in range(s.images_per_prompt)]
@@ -160,10 +187,11 @@ def run(cfg) -> list[Path]:
         seeds = [sd * 100_003 + i for i, sd in batch_p]
         src = None
         if sources is not None:
-            loaded = [load_image(sources[i]) for i, _ in batch_p]
+            loaded = [sources[i] if isinstance(sources[i], np.ndarray) else load_image(sources[i])
+                      for i, _ in batch_p]
             if len({im.shape for im in loaded}) > 1:
                 raise ValueError(f"source images of one batch differ in size: "
-                                 f"{ {sources[i]: im.shape for (i, _), im in zip(batch_p, loaded)} }; "
+                                 f"{ {source_names[i]: im.shape for (i, _), im in zip(batch_p, loaded)} }; "
                                  f"use sample.batch_size=1 or same-size sources")
             src = np.stack(loaded)
         kw = dict(height=s.height or None, width=s.width or None, guidance=s.guidance, seeds=seeds, sources=src)
@@ -179,7 +207,7 @@ def run(cfg) -> list[Path]:
             written.append(out / name)
             images.append(im)
             index[name] = {"prompt": prompts[i], "seed": sd, "noise_seed": noise_seed,
-                           "source": None if sources is None else sources[i]}
+                           "source": None if sources is None else source_names[i]}
     if len({im.shape for im in images}) == 1:
         Image.fromarray(make_grid(np.stack(images), s.grid_cols)).save(out / "grid.png")
         written.append(out / "grid.png")

@@ -195,7 +195,7 @@ def main(argv=None):
     ap.add_argument("--no_torch", action="store_true")
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak, for MFU")
     ap.add_argument("--peak_gbps", type=float, default=None, help="device memory bandwidth, for utilisation")
-    ap.add_argument("--out", default="benchmarks/judge_results.json")
+    ap.add_argument("--out", default="runs/benchmarks/judge_results.json")
     args = ap.parse_args(argv)
 
     from arr_jax.models.qwen3_vl import Qwen3VLConfig

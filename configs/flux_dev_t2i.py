@@ -131,8 +131,8 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.sample.batch_size = 2
     c.sample.grid_cols = 2
     c.rpo.iterations = 2
-    c.rpo.pairs_per_batch = 2
-    c.rpo.micro_batch = 4
+    c.rpo.pairs_per_batch = 4
+    c.rpo.micro_batch = 8           # one sample per device on 8 (fake) devices
     c.rpo.num_steps = 2
     c.rpo.lora_rank = 2
     c.rpo.lora_alpha = 4.0

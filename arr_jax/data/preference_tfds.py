@@ -168,6 +168,14 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [PreferenceConfig(name="default", description="(built from a config)")]
 
+    # The data is generated here, never downloaded: keep tfds's "Downloading and preparing dataset"
+    # lines (printed unconditionally) out of an offline run's output.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         image = lambda: tfds.features.Image(shape=(None, None, 3))  # noqa: E731
         return self.dataset_info_from_configs(

@@ -115,6 +115,14 @@ class World(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
 
+    # The data is generated here, never downloaded: keep tfds's "Downloading and preparing dataset"
+    # lines (printed unconditionally) out of an offline run's output.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.builder_config.image_size
         return self.dataset_info_from_configs(

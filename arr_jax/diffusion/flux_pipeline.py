@@ -21,7 +21,7 @@ import math
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -433,19 +433,6 @@ class FluxPipeline:
     def decode(self, x0: jax.Array, space: FluxLatentSpace) -> jax.Array:
         """Packed latents (B, N, C) -> images (B, H, W, 3) float32 in ~[-1, 1]."""
         return _decode_jit(self._vae[0], self._vae[1], space, jnp.asarray(x0))
-
-    def rpo_interface(self, space: FluxLatentSpace) -> dict:
-        """What `arr_jax.rpo.trainer.RPOTrainer` needs: apply_fn, decode_fn (-> uint8), latent_shape.
-
-        Pair it with ``encode_fn=lambda prompts: pipe.conditioning(prompts, guidance)`` (text-to-image).
-        """
-        vg, vs = self._vae
-
-        def decode_fn(x0):
-            img = _decode(vg, vs, space, x0)
-            return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-        return {"apply_fn": space.apply, "decode_fn": decode_fn, "latent_shape": space.latent_shape}
 
 
 # ---------------------------------------------------------------------------- jitted programs

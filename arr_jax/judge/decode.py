@@ -251,15 +251,21 @@ class Decoder:
             return np.full(ids.shape[0], ids.shape[1])
         return (np.asarray(am) > 0).sum(-1)
 
+    def _batch_devices(self) -> int:
+        return int(np.prod([self.rules.mesh.shape[a] for a in np.atleast_1d(self.rules.rules["batch"])]))
+
     def _put(self, inputs: dict[str, Any]) -> dict[str, Array]:
+        """Host inputs to devices: the batch axis sharded over the mesh's batch axes when it divides
+        evenly, replicated otherwise (a short last batch)."""
         out = {}
         for k in _DEVICE_KEYS:
             if k not in inputs:
                 continue
             v = np.asarray(inputs[k])
+            axis = 1 if k == "positions" else 0
             if self.rules is not None and self.rules.mesh is not None and k not in (
-                    "pixel_values", "pos_index", "pos_weight", "rope_pos", "patch_len"):
-                axis = 1 if k == "positions" else 0
+                    "pixel_values", "pos_index", "pos_weight", "rope_pos", "patch_len") \
+                    and v.shape[axis] % self._batch_devices() == 0:
                 names = [None] * v.ndim
                 names[axis] = "batch"
                 out[k] = jax.device_put(v, self.rules.sharding(names))

@@ -104,8 +104,7 @@ class PromptRubrics:
         for it, sk in zip(items, keys):
             if self._load(it, sk) is None:
                 missing.setdefault((it.text, sk), it)
-            else:
-                self.stats["hits"] += 1
+        self.stats["hits"] += len(items) - len(missing)  # repeats within the call are served once
         if missing:
             reqs = []
             for it in missing.values():

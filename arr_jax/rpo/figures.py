@@ -103,9 +103,11 @@ def save_reward_and_win_rate(path: str | Path, history: Sequence[dict], title: s
         b.plot(x, w, marker="o", ms=3, label="win rate vs base")
         b.fill_between(x, w - se, w + se, alpha=0.25)
         b.plot(x, [h.get("eval/tie_rate", np.nan) for h in ev], lw=1, label="tie rate")
+        b.legend(fontsize=7)
+    else:
+        b.text(0.5, 0.5, "no held-out evaluation\n(rpo.eval_every = 0)", ha="center", va="center", fontsize=8)
     b.set_ylim(0, 1)
     b.set_title("held-out prompts, fixed seeds", fontsize=9)
-    b.legend(fontsize=7)
     for ax in (a, b):
         ax.set_xlabel("RPO iteration", fontsize=8)
         ax.tick_params(labelsize=7)

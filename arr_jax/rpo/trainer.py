@@ -153,6 +153,12 @@ class RPOTrainer:
         self.policy = policy
         self.judge = as_rubric_judge(judge)
         self.rules = rules
+        if rules is not None and rules.mesh is not None:
+            axes = np.atleast_1d(rules.rules["batch"])
+            n = int(np.prod([rules.mesh.shape[a] for a in axes]))
+            if settings.micro_batch % n:
+                raise ValueError(f"rpo.micro_batch={settings.micro_batch} samples cannot be split over the {n} "
+                                 f"devices of the mesh's batch axes {tuple(axes)}: use a multiple of {n}")
         self.latent_shape = tuple(policy.latent_shape)
         model = policy.model
         has_lora = any(True for _ in jax.tree.leaves(nnx.state(model, LoRAParam)))
