@@ -23,7 +23,7 @@ from arr_jax.judge.templates import TemplateSet
 _ANSWER_KEYS = {"openai": ("model", "endpoint", "temperature", "max_tokens", "token_param", "image_format",
                            "max_image_side"),
                 "world": ("default_criteria", "tie_break"),
-                "qwen3_vl": ("model_dir", "dtype", "max_new_tokens", "temperature", "top_p", "seed")}
+                "qwen3_vl": ("model_dir", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "reasoning")}
 
 
 def make_backend(b):
@@ -53,7 +53,7 @@ def make_backend(b):
             q.model_dir, q.dtype, max_new_tokens=q.max_new_tokens, temperature=q.temperature, top_p=q.top_p,
             seed=q.seed, batch_size=q.batch_size, seq_bucket=q.seq_bucket or None,
             patch_bucket=q.patch_bucket or None, image_bucket=q.image_bucket or None,
-            max_length=q.max_length or None)
+            max_length=q.max_length or None, reasoning=q.reasoning)
     raise ValueError(f"bad config value backend.kind: {b.kind!r} (expected 'world', 'openai' or 'qwen3_vl')")
 
 
