@@ -348,3 +348,33 @@ def test_template_sees_plain_data_like_transformers():
                               '"reasoning_content": "hm"}|')
     with pytest.raises(ValueError, match="namespace attribute '_x'"):
         ChatTemplate("{% set ns = namespace(_x=1) %}").render([])
+
+
+@pytest.mark.parity
+def test_template_language_features_render_as_transformers():
+    """The pieces of transformers' jinja environment other templates lean on: ``{% generation %}``, loop controls,
+    ``tojson`` options, ``dict``, ``namespace``, special tokens and extra keyword arguments, trim / lstrip."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from arr_jax.judge.chat_template import ChatTemplate
+
+    templates = [
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+        "{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}",
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{% if m.role == 'system' %}"
+        "{% continue %}{% endif %}[{{ m.content }}]{% endfor %}{{ eos_token }}",
+        "{{ messages | tojson(indent=2, sort_keys=True) }}{{ dict(a=1, b=[2]) | tojson(separators=(',', ':')) }}",
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + m.content | length %}{% endfor %}"
+        "{{ ns.n }} {{ bos_token is defined }} {{ judge_name | default('none') }}",
+        "{%- for m in messages %}\n    <{{ m.role }}>\n  {{- m.content -}}\n    </{{ m.role }}>\n{% endfor %}\n"
+        "{%- if add_generation_prompt %}<assistant>{% endif %}",
+    ]
+    msgs = [{"role": "system", "content": "Rubric: é ✓"}, {"role": "user", "content": "which?"},
+            {"role": "assistant", "content": "1"}, {"role": "user", "content": "sure?"}]
+    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    for source in templates:
+        for gen in (False, True):
+            for extra in ({}, {"judge_name": "rj"}):
+                want = render_jinja_template(conversations=[msgs], chat_template=source, add_generation_prompt=gen,
+                                             **special, **extra)[0][0]
+                assert ChatTemplate(source, special_tokens=special).render(msgs, gen, **extra) == want, source
