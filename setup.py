@@ -22,6 +22,7 @@ CORE = [
     "tensorboardX==2.6.5",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
+    "jinja2==3.1.6",           # chat templates of judge snapshots (arr_jax.judge.chat_template)
     "importlib_resources==7.1.0",  # tensorflow-datasets needs it without TensorFlow
 ]
 

@@ -36,7 +36,9 @@ def backend_config() -> ml_collections.ConfigDict:
         # the Flax judge (arr_jax.judge.vlm_backend): a local HF snapshot, e.g. Qwen3-VL-8B-Instruct
         qwen3_vl=dict(model_dir="", dtype="bfloat16", max_new_tokens=1024, temperature=0.0, top_p=1.0, seed=0,
                       batch_size=8, seq_bucket=256, patch_bucket=256, image_bucket=2,
-                      max_length=0),  # 0 = the model's max_position_embeddings
+                      max_length=0,   # 0 = the model's max_position_embeddings
+                      # a chat template whose generation prompt opens <think>: "close" it empty or "refuse"
+                      reasoning="close"),
     ))
 
 

@@ -187,3 +187,94 @@ def test_sharded_forward_matches_unsharded(checkpoints):
     assert out.sharding.spec[0] == batch.spec[0]
     np.testing.assert_allclose(np.asarray(out), expect, rtol=1e-5, atol=1e-5)
     assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- timestep / guidance embedding
+
+# The Flux inputs where a frequency's last bit shows: guidance 3.5 and sigma 0.9 enter as 3500 and 900.
+EMBED_ARGS = np.array([3.5, 0.9], np.float32) * np.float32(1000.0)
+
+
+class _TorchExp:
+    """Wraps ``torch.exp`` while active: records each call's (input, output) and, with ``exact=True``,
+    returns float32 results rounded once from float64 (torch's CPU float32 exp is off by an ulp for a few
+    arguments, e.g. 2 of Flux's 128 frequency exponents, by 0.52 ulp)."""
+
+    def __init__(self, monkeypatch, exact: bool):
+        import torch
+
+        self.calls, real = [], torch.exp
+
+        def exp(x, *a, **kw):
+            y = real(x.double()).to(x.dtype) if exact and x.dtype == torch.float32 else real(x, *a, **kw)
+            self.calls.append((x.detach().numpy().copy(), y.detach().numpy().copy()))
+            return y
+
+        monkeypatch.setattr(torch, "exp", exp)
+
+
+@pytest.mark.parity
+def test_timestep_frequencies_follow_diffusers_exponent_and_round_once(monkeypatch):
+    """Our table is diffusers' float32 exponent, exponentiated in float64 and rounded once; it is within one
+    ulp of torch's own float32 table (and equal where torch's exp is correctly rounded)."""
+    import torch
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from arr_jax.nn.layers import timestep_frequencies
+
+    for half, shift in ((128, 0), (128, 1), (160, 1)):
+        rec = _TorchExp(monkeypatch, exact=False)
+        get_timestep_embedding(torch.from_numpy(EMBED_ARGS), 2 * half, downscale_freq_shift=shift)
+        (exponent, torch_table), = rec.calls
+        ours = timestep_frequencies(half, shift)
+        assert ours.dtype == np.float32 and ours.shape == (half,) and not ours.flags.writeable
+        np.testing.assert_array_equal(ours, np.exp(exponent.astype(np.float64)).astype(np.float32))
+        ulps = np.abs(ours.view(np.int32).astype(np.int64) - torch_table.view(np.int32))
+        assert ulps.max() <= 1 and (ulps > 0).sum() <= 2, (half, shift, np.flatnonzero(ulps))
+        monkeypatch.undo()
+
+
+@pytest.mark.parity
+def test_timestep_embedding_matches_diffusers_at_guidance_and_late_sigma(monkeypatch):
+    """``timestep_embedding`` at 3500 (guidance 3.5) and 900 (sigma 0.9) against diffusers'
+    ``get_timestep_embedding``: to 1e-6 with diffusers' exp correctly rounded, and within the effect of
+    torch's own one-ulp exp errors (``t * ulp(freq)``) without."""
+    import torch
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from arr_jax.nn.layers import timestep_embedding
+
+    ours = np.asarray(timestep_embedding(jnp.asarray(EMBED_ARGS), 256))
+    _TorchExp(monkeypatch, exact=True)
+    flux_kw = dict(flip_sin_to_cos=True, downscale_freq_shift=0)  # diffusers' Flux `Timesteps`
+    exact = get_timestep_embedding(torch.from_numpy(EMBED_ARGS), 256, **flux_kw).numpy()
+    monkeypatch.undo()
+    np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-6)
+    plain = get_timestep_embedding(torch.from_numpy(EMBED_ARGS), 256, **flux_kw).numpy()
+    np.testing.assert_allclose(ours[0], plain[0], rtol=0, atol=1e-6)  # guidance 3.5: no torch exp error shows
+    bound = 1e-6 + EMBED_ARGS[1] * np.spacing(np.float32(1.0))  # t * ulp of a frequency <= 1 (f32, ~5e-5)
+    assert np.abs(ours[1] - plain[1]).max() <= bound
+
+
+@pytest.mark.parity
+def test_time_text_embed_matches_diffusers_with_nontrivial_weights(checkpoints, monkeypatch):
+    """Flux's ``CombinedTimestepGuidanceTextProjEmbeddings`` (perturbed random weights) at t = 0.9 and
+    guidance 3.5 (inputs x1000, as the transformer passes them) against our `TimeTextEmbed`."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    path = checkpoints[True][0]
+    ref = FluxTransformer2DModel.from_pretrained(path).eval().time_text_embed
+    ours = load_flux_transformer(path).time_text_embed
+    rng = np.random.default_rng(1)
+    pooled = rng.standard_normal((2, 16), np.float32)
+    t = np.float32(1000.0) * np.array([0.9, 0.9], np.float32)
+    g = np.float32(1000.0) * np.array([3.5, 1.0], np.float32)
+    got = np.asarray(jax.jit(lambda a, b, c: ours(a, b, c))(jnp.asarray(t), jnp.asarray(g), jnp.asarray(pooled)))
+    _TorchExp(monkeypatch, exact=True)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(t), torch.from_numpy(g), torch.from_numpy(pooled)).numpy()
+    monkeypatch.undo()
+    scale = np.abs(want).max()
+    print(f"time_text_embed: max abs err {np.abs(got - want).max():.2e} (output scale {scale:.2f})")
+    assert scale > 0.1 and np.abs(got - want).max() <= 1e-6 * max(1.0, scale)

@@ -315,4 +315,18 @@ def test_sample_entry_point(tiny, tmp_path):
     assert np.asarray(Image.open(tmp_path / "out" / "grid.png")).shape == (64, 64, 3)
 
 
-# ------------------------------------------------------------------------ the RPO policy
+# ------------------------------------------------------------------------ text encoders
+
+@pytest.mark.parity
+def test_over_limit_prompts_embed_as_diffusers(tiny, ours):
+    """Prompts past the CLIP and T5 token limits are cut as diffusers cuts them: the T5 sequence and the CLIP
+    pooled embedding equal ``FluxPipeline.encode_prompt``'s (which truncates both)."""
+    import torch
+
+    prompts = ["a red cat on the blue dog " * 6, "the big photo of a cat and a dog on the red and blue " * 3]
+    with pytest.warns(PromptTruncationWarning):
+        emb = ours.encode_prompts(prompts)   # prompts no other test encodes: not cached
+    with torch.no_grad():
+        txt, pooled, _ = tiny["pipe"].encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=T5_MAX)
+    assert emb["txt"].shape == tuple(txt.shape) == (2, T5_MAX, 32)
+    assert _rel(emb["txt"], txt.numpy()) <= 1e-5 and _rel(emb["pooled"], pooled.numpy()) <= 1e-5

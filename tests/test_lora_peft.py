@@ -148,3 +148,143 @@ def test_diffusers_load_lora_weights_matches(tiny_diffusers, tmp_path, fmt):
     print(f"{fmt}: LoRA effect {np.abs(want - base).max():.2e}, diffusers vs ours max rel err {err:.2e}")
     assert np.abs(want - base).max() > 1e-2  # the adapters change the output
     assert err <= 1e-5
+
+
+# ----------------------------------------------------------------------------- target names read from files
+
+
+def _linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """``{dotted name: (in, out)}`` of every Linear of ``model``."""
+    from arr_jax.nn.layers import Linear
+
+    return {".".join(map(str, p)): (m.in_features, m.out_features) for p, m in nnx.iter_modules(model)
+            if isinstance(m, Linear)}
+
+
+def _write_peft_file(path, modules: dict[str, tuple[int, int, int]], seed=0, scale=0.1, prefix="transformer."):
+    """A diffusers/PEFT LoRA file with random A (r, in) and B (out, r) for ``{name: (rank, in, out)}``."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, (r, fan_in, fan_out) in modules.items():
+        tensors[f"{prefix}{name}.lora_A.weight"] = (scale * rng.standard_normal((r, fan_in))).astype(np.float32)
+        tensors[f"{prefix}{name}.lora_B.weight"] = (scale * rng.standard_normal((fan_out, r))).astype(np.float32)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
+FILE_TARGETS = ("transformer_blocks.1.attn.to_q", "proj_out")  # the issue's file: a nested and a top-level name
+
+
+def test_file_targets_are_exact_module_names(tmp_path):
+    """A file with adapters on ``transformer_blocks.1.attn.to_q`` and the top-level ``proj_out`` loads into the
+    model built from its own config with exactly those two modules adapted (as suffixes, ``proj_out`` would also
+    hit every ``single_transformer_blocks.*.proj_out``, which the file has no weights for)."""
+    shapes = _linear_shapes(_tiny(None))
+    path = _write_peft_file(tmp_path / "two.safetensors", {n: (4, *shapes[n]) for n in FILE_TARGETS})
+    cfg = lora_config_from_file(path)
+    assert cfg.match == "exact" and set(cfg.targets) == set(FILE_TARGETS) and cfg.rank == 4
+    model = _tiny(cfg)
+    assert set(adapted_linears(model)) == set(FILE_TARGETS)
+    assert load_peft_lora(model, path) == sorted(FILE_TARGETS)
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(path))
+    for name, lin in adapted_linears(model).items():
+        np.testing.assert_array_equal(np.asarray(lin.lora_a.get_value()), stored[f"transformer.{name}.lora_A.weight"].T)
+        np.testing.assert_allclose(np.asarray(lin.lora_b.get_value()) * lin.lora_scale,
+                                   stored[f"transformer.{name}.lora_B.weight"].T, rtol=1e-6)
+    # the same names as config suffixes mean something else: every module ending in them
+    suffix = adapted_linears(_tiny(LoRAConfig(rank=4, alpha=4.0, targets=FILE_TARGETS)))
+    assert set(suffix) == {*FILE_TARGETS, *(f"single_transformer_blocks.{i}.proj_out" for i in range(2))}
+
+
+def test_every_module_named_in_a_file_and_only_those_is_adapted(tmp_path):
+    """For several random subsets of the model's Linear layers (any depth, any kind), the model built from the
+    file's config adapts exactly the file's modules and loads them all."""
+    shapes = _linear_shapes(_tiny(None))
+    names = sorted(shapes)
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        chosen = sorted(rng.choice(names, size=int(rng.integers(1, 12)), replace=False).tolist())
+        path = _write_peft_file(tmp_path / f"subset{trial}.safetensors", {n: (2, *shapes[n]) for n in chosen},
+                                seed=trial)
+        model = _tiny(lora_config_from_file(path))
+        assert sorted(adapted_linears(model)) == chosen, trial
+        assert load_peft_lora(model, path) == chosen
+
+
+def test_file_naming_a_module_the_model_lacks_is_a_clear_error(tmp_path):
+    path = _write_peft_file(tmp_path / "deep.safetensors", {"transformer_blocks.1.attn.to_q": (4, 32, 32),
+                                                           "transformer_blocks.7.attn.to_q": (4, 32, 32)})
+    with pytest.raises(ValueError, match=r"no Linear layer of the model: \['transformer_blocks\.7\.attn\.to_q'\]"):
+        _tiny(lora_config_from_file(path))
+    with pytest.raises(ValueError, match="match must be one of"):
+        LoRAConfig(match="prefix")
+    with pytest.raises(ValueError, match="got the string .attn.to_q."):
+        LoRAConfig(targets="attn.to_q")
+
+
+def test_kohya_file_is_a_clear_error(tmp_path):
+    """kohya / sd-scripts names (lora_unet_*, lora_down / lora_up, alpha) are refused, naming the file and a key."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"lora_unet_double_blocks_0_img_attn_qkv.alpha": np.asarray(4.0, np.float32),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": rng.standard_normal((4, 32), np.float32),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": rng.standard_normal((96, 4), np.float32)}
+    path = tmp_path / "kohya.safetensors"
+    save_file(tensors, str(path))
+    for call in (lora_config_from_file, lambda p: load_peft_lora(_tiny(LoRAConfig(rank=4, alpha=4.0)), p)):
+        with pytest.raises(ValueError, match=r"kohya\.safetensors: key 'lora_unet_double_blocks_0_img_attn_qkv\.alpha' "
+                                             r"is a kohya / sd-scripts LoRA name"):
+            call(path)
+
+
+def test_mixed_rank_file_is_a_clear_error(tmp_path):
+    """Modules of different ranks in one file: a ValueError naming the file, the ranks and a module of each."""
+    shapes = _linear_shapes(_tiny(None))
+    q = "transformer_blocks.0.attn.to_q"
+    path = _write_peft_file(tmp_path / "mixed.safetensors", {q: (4, *shapes[q]), "proj_out": (8, *shapes["proj_out"])})
+    with pytest.raises(ValueError, match=r"mixed\.safetensors: mixed ranks / scales are not supported.*"
+                                         r"\{4: 'transformer_blocks\.0\.attn\.to_q', 8: 'proj_out'\}"):
+        lora_config_from_file(path)
+
+
+@pytest.mark.parity
+def test_diffusers_adapts_the_same_modules_from_a_file(tmp_path):
+    """diffusers (``FluxPipeline.load_lora_weights`` -> PEFT) adapts exactly the modules our model built from
+    ``lora_config_from_file`` adapts, for the issue's file, and gives the same output with them."""
+    pytest.importorskip("peft")
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from _tiny_flux import TRANSFORMER, _perturb
+    from arr_jax.convert.flux import load_flux_transformer
+
+    torch.manual_seed(0)
+    ref = FluxTransformer2DModel(**dict(TRANSFORMER, num_layers=2, num_single_layers=2)).eval()
+    _perturb(ref)
+    ref.save_pretrained(tmp_path / "transformer")
+    shapes = {n: (m.in_features, m.out_features) for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)}
+    path = _write_peft_file(tmp_path / "two.safetensors", {n: (4, *shapes[n]) for n in FILE_TARGETS}, scale=0.3)
+
+    ours = load_flux_transformer(tmp_path / "transformer", lora=lora_config_from_file(path))
+    load_peft_lora(ours, path)
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=ref)
+    x = _inputs(channels=64, pooled=16, txt_dim=32)
+    with torch.no_grad():
+        t = {k: torch.from_numpy(v) for k, v in x.items()}
+        base = ref(hidden_states=t["img"], encoder_hidden_states=t["txt"], pooled_projections=t["pooled"],
+                   timestep=t["timestep"], img_ids=t["img_ids"], txt_ids=t["txt_ids"], guidance=t["guidance"]).sample
+        pipe.load_lora_weights(str(path), adapter_name="file")
+        adapted = {n for n, m in ref.named_modules() if isinstance(m, BaseTunerLayer)}
+        got = ref(hidden_states=t["img"], encoder_hidden_states=t["txt"], pooled_projections=t["pooled"],
+                  timestep=t["timestep"], img_ids=t["img_ids"], txt_ids=t["txt_ids"], guidance=t["guidance"]).sample
+    assert adapted == set(FILE_TARGETS) == set(adapted_linears(ours))
+    want = _ours(ours, x)
+    assert np.abs(got.numpy() - base.numpy()).max() > 1e-2  # the adapters matter
+    assert np.abs(got.numpy() - want).max() / np.abs(want).max() <= 1e-5

@@ -221,3 +221,43 @@ def test_generate_batches_match_one_by_one():
     got = b.generate(reqs)
     assert len(got) == 3 and all(isinstance(t, str) for t in got)
     assert [b.generate([r])[0] for r in reqs] == got
+
+
+def test_p_first_reads_after_the_templates_generation_prompt(tmp_path):
+    """A snapshot shipping a Thinking-style chat template (its generation prompt opens ``<think>\\n``): the
+    pairwise score is read after the closed-empty block and the rank prefix, i.e. at the position that
+    transformers' rendering of the template's own non-thinking prompt + ``{"rank": [`` gives; with
+    ``reasoning="refuse"`` the backend refuses instead of scoring somewhere the model never answers."""
+    from test_chat_template import THINKING
+    from transformers import PreTrainedTokenizerFast
+
+    from arr_jax.judge.processor import Qwen3VLProcessor
+    from arr_jax.judge.text_judge import TextJudge
+    from arr_jax.judge.vlm_backend import RANK_PREFIX, FlaxVLMBackend
+    from arr_jax.models.qwen3_vl import prepare_inputs
+
+    d = tmp_path / "thinking_judge"
+    shutil.copytree(judge_snapshot(), d)
+    (d / "chat_template.jinja").write_text(THINKING)
+    b = FlaxVLMBackend.from_snapshot(d, "float32", max_new_tokens=NEW, batch_size=8, seq_bucket=128)
+    prompts, i1, i2 = pair_batch(2)
+    reqs = TextJudge(b).pair_requests(prompts, i1, i2, RUBRIC)
+    got = b.p_first(reqs)
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    for row, req in enumerate(reqs):
+        msgs, imgs = req.to_chat()
+        text = hf_tok.apply_chat_template(msgs, chat_template=THINKING, add_generation_prompt=True, tokenize=False,
+                                          enable_thinking=False)
+        assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        ids, pv, grid = b.processor.encode(text + RANK_PREFIX, imgs)
+        inputs = prepare_inputs(b.processor.model_cfg, np.array([ids]), None, pv, grid)
+        lp = b.decoder.score_choices(inputs, b.choice_ids)[0].astype(np.float64)
+        np.testing.assert_allclose(got[row], 1 / (1 + np.exp(lp[1] - lp[0])), atol=1e-5)
+    # the hand-written format (no <think> block) scores elsewhere, so the template changes the answer
+    plain = backend().p_first(reqs)
+    assert np.abs(plain - got).max() > 1e-4, (plain, got)
+
+    b.processor = Qwen3VLProcessor.from_dir(d, reasoning="refuse")   # same model, refusing processor
+    with pytest.raises(ValueError, match=r"chat_template\.jinja opens a reasoning block"):
+        b.p_first(reqs)

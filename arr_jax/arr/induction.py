@@ -360,7 +360,7 @@ def induce(pairs: Sequence[PreferencePair], backend: TextBackend, workdir: str |
 _ANSWER_KEYS = {"openai": ("model", "endpoint", "temperature", "max_tokens", "token_param", "image_format",
                            "max_image_side"),
                 "world": ("default_criteria", "tie_break"),
-                "qwen3_vl": ("model_dir", "dtype", "max_new_tokens", "temperature", "top_p", "seed")}
+                "qwen3_vl": ("model_dir", "dtype", "max_new_tokens", "temperature", "top_p", "seed", "reasoning")}
 
 
 def backend_identity(b) -> dict:

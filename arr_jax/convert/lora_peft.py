@@ -128,8 +128,22 @@ def _read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return tensors, (json.loads(raw) if raw else {})
 
 
-def _modules(tensors: dict[str, np.ndarray], metadata: dict) -> dict[str, dict]:
+_KOHYA_MARKERS = (".lora_down.", ".lora_up.", "lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def _check_layout(tensors: dict[str, np.ndarray], path) -> None:
+    """A file in another LoRA layout (kohya / sd-scripts names) is a ValueError naming the file and a key."""
+    for key in sorted(tensors):
+        if any(m in key for m in _KOHYA_MARKERS):
+            raise ValueError(
+                f"{path}: key {key!r} is a kohya / sd-scripts LoRA name (lora_down / lora_up, lora_unet_*), not "
+                "the diffusers / PEFT layout (<module>.lora_A.weight / .lora_B.weight) this loader reads; convert it "
+                "first, e.g. diffusers' FluxPipeline.load_lora_weights followed by save_lora_weights")
+
+
+def _modules(tensors: dict[str, np.ndarray], metadata: dict, path="the LoRA file") -> dict[str, dict]:
     """Group keys by module: ``{name: {"A": (r, in), "B": (out, r), "scale": alpha/r}}``."""
+    _check_layout(tensors, path)
     meta = {}
     for k, v in metadata.items():
         for p in _PREFIXES:
@@ -146,34 +160,45 @@ def _modules(tensors: dict[str, np.ndarray], metadata: dict) -> dict[str, dict]:
                 out.setdefault(name[: -len(suffix)], {})[slot] = arr
                 break
         else:
-            raise ValueError(f"LoRA file key {key!r} is not a PEFT lora_A / lora_B / alpha tensor")
+            raise ValueError(f"{path}: key {key!r} is not a PEFT lora_A / lora_B / alpha tensor")
     for name, m in out.items():
         if "A" not in m or "B" not in m:
-            raise ValueError(f"LoRA module {name!r} lacks its {'lora_A' if 'A' not in m else 'lora_B'} weight")
+            raise ValueError(f"{path}: LoRA module {name!r} lacks its {'lora_A' if 'A' not in m else 'lora_B'} weight")
         rank = m["A"].shape[0]
         if m["B"].shape[1] != rank:
-            raise ValueError(f"LoRA module {name!r}: lora_A rank {rank} != lora_B rank {m['B'].shape[1]}")
+            raise ValueError(f"{path}: LoRA module {name!r}: lora_A rank {rank} != lora_B rank {m['B'].shape[1]}")
         if "alpha" in m:
             alpha = float(m["alpha"])
         else:
             alpha = meta.get("alpha_pattern", {}).get(name, meta.get("lora_alpha"))
             r = meta.get("rank_pattern", {}).get(name, meta.get("r", rank))
             if alpha is not None and r != rank:
-                raise ValueError(f"LoRA module {name!r}: metadata rank {r} != stored rank {rank}")
+                raise ValueError(f"{path}: LoRA module {name!r}: metadata rank {r} != stored rank {rank}")
             alpha = rank if alpha is None else float(alpha)  # PEFT's no-alpha convention: scale 1
         m["scale"] = alpha / rank
     return out
 
 
 def lora_config_from_file(path: str | Path) -> LoRAConfig:
-    """A `LoRAConfig` (rank, alpha, exact module targets) that fits the adapters stored in ``path``."""
-    mods = _modules(*_read(path))
-    ranks = {m["A"].shape[0] for m in mods.values()}
-    scales = {m["scale"] for m in mods.values()}
-    if len(ranks) != 1 or len(scales) != 1:
-        raise ValueError(f"{path}: mixed ranks {sorted(ranks)} / scales {sorted(scales)} are not supported")
-    rank = ranks.pop()
-    return LoRAConfig(rank=rank, alpha=scales.pop() * rank, targets=tuple(sorted(mods)))
+    """A `LoRAConfig` (rank, alpha, targets) that fits the adapters stored in ``path``.
+
+    The targets are the file's module names, matched exactly (``match="exact"``): the model built
+    with this config adapts every module the file names and only those, as PEFT does when diffusers
+    loads the file. Raises ValueError for a file in the kohya layout, or whose modules do not share
+    one rank and one alpha/r (naming the file and a module of each rank).
+    """
+    mods = _modules(*_read(path), path=path)
+    by_rank: dict[int, str] = {}
+    by_scale: dict[float, str] = {}
+    for name in sorted(mods):
+        by_rank.setdefault(mods[name]["A"].shape[0], name)
+        by_scale.setdefault(mods[name]["scale"], name)
+    if len(by_rank) != 1 or len(by_scale) != 1:
+        raise ValueError(f"{path}: mixed ranks / scales are not supported (all modules need one rank and one "
+                         f"alpha/r); rank: a module with it {dict(sorted(by_rank.items()))}; alpha/r: a module with it "
+                         f"{dict(sorted(by_scale.items()))}")
+    rank, scale = next(iter(by_rank)), next(iter(by_scale))
+    return LoRAConfig(rank=rank, alpha=scale * rank, targets=tuple(sorted(mods)), match="exact")
 
 
 def load_peft_lora(model: nnx.Module, path: str | Path, *, strict: bool = True) -> list[str]:
@@ -185,7 +210,7 @@ def load_peft_lora(model: nnx.Module, path: str | Path, *, strict: bool = True) 
     """
     import jax.numpy as jnp
 
-    mods = _modules(*_read(path))
+    mods = _modules(*_read(path), path=path)
     ours = adapted_linears(model)
     unknown = sorted(set(mods) - set(ours))
     if unknown:

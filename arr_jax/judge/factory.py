@@ -51,7 +51,7 @@ def make_backend(b, rules=None):
             q.model_dir, q.dtype, rules=rules, max_new_tokens=q.max_new_tokens, temperature=q.temperature,
             top_p=q.top_p, seed=q.seed, batch_size=q.batch_size, seq_bucket=q.seq_bucket or None,
             patch_bucket=q.patch_bucket or None, image_bucket=q.image_bucket or None,
-            max_length=q.max_length or None)
+            max_length=q.max_length or None, reasoning=q.get("reasoning", "close"))
     raise ValueError(f"bad config value backend.kind: {b.kind!r} (expected 'world', 'openai' or 'qwen3_vl')")
 
 
@@ -151,7 +151,8 @@ def judge_config(**overrides):
                  backoff=1.0, concurrency=8, cache_dir="runs/api_cache", temperature=0.0, max_tokens=0,
                  token_param="max_tokens", image_format="png", max_image_side=0),
         qwen3_vl=dict(model_dir="", dtype="bfloat16", max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0,
-                      batch_size=8, seq_bucket=256, patch_bucket=256, image_bucket=2, max_length=0),
+                      batch_size=8, seq_bucket=256, patch_bucket=256, image_bucket=2, max_length=0,
+                      reasoning="close"),  # a template opening <think>: "close" it empty or "refuse"
     ))
     c.update(overrides)
     return c

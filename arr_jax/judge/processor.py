@@ -8,7 +8,11 @@ Matches the Hugging Face ``Qwen3VLProcessor`` with its PIL image processor:
   * patchified into ``(grid_h * grid_w, C * T * P * P)`` rows in spatial-merge-block order, the
     still image repeated over the ``T = temporal_patch_size`` frames;
   * each image in the chat becomes ``<|vision_start|><|image_pad|>*n<|vision_end|>`` with
-    ``n = grid_h * grid_w / merge^2``; chats use the Qwen ``<|im_start|>role ... <|im_end|>`` format.
+    ``n = grid_h * grid_w / merge^2``;
+  * chats are rendered with the snapshot's own chat template, as transformers' ``apply_chat_template``
+    renders it (`arr_jax.judge.chat_template`); a generation prompt that opens a reasoning block is
+    closed empty or refused (``reasoning``). Only a snapshot that ships no template gets the
+    hand-written Qwen ``<|im_start|>role ... <|im_end|>`` format.
 
 For jit-friendly static shapes a batch is left-padded to a multiple of ``seq_bucket`` tokens, each
 image's patch row to a multiple of ``patch_bucket`` patches and the image count to a multiple of
@@ -27,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from arr_jax.data.images import ImageDecodeError, to_rgb_uint8
+from arr_jax.judge.chat_template import REASONING_POLICIES, ChatTemplate
 from arr_jax.judge.decode import left_pad
 from arr_jax.models.qwen3_vl import Qwen3VLConfig, prepare_inputs
 
@@ -123,10 +128,17 @@ class Qwen3VLProcessor:
     IMAGE, VSTART, VEND = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
     IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
-    def __init__(self, tokenizer, image_cfg: ImageConfig, model_cfg: Qwen3VLConfig | None = None):
+    def __init__(self, tokenizer, image_cfg: ImageConfig, model_cfg: Qwen3VLConfig | None = None,
+                 chat_template: ChatTemplate | None = None, *, reasoning: str = "close",
+                 template_kwargs: dict[str, Any] | None = None):
+        if reasoning not in REASONING_POLICIES:
+            raise ValueError(f"reasoning must be one of {REASONING_POLICIES}, got {reasoning!r}")
         self.tokenizer = tokenizer
         self.image_cfg = image_cfg
         self.model_cfg = model_cfg
+        self.chat_template = chat_template
+        self.reasoning = reasoning
+        self.template_kwargs = dict(template_kwargs or {})
         self.image_token_id = self._special(self.IMAGE)
         self.im_end_id = self._special(self.IM_END)
         pad = tokenizer.token_to_id("<|endoftext|>")
@@ -142,8 +154,11 @@ class Qwen3VLProcessor:
         return i
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "Qwen3VLProcessor":
-        """From a snapshot with ``tokenizer.json``, ``preprocessor_config.json`` (and ``config.json``)."""
+    def from_dir(cls, model_dir: str | Path, *, reasoning: str = "close",
+                 template_kwargs: dict[str, Any] | None = None) -> "Qwen3VLProcessor":
+        """From a snapshot with ``tokenizer.json``, ``preprocessor_config.json`` (and ``config.json``),
+        with the chat template it ships (`ChatTemplate.from_dir`; None: the built-in Qwen format).
+        ``reasoning`` and ``template_kwargs``: see `format_chat`."""
         from tokenizers import Tokenizer
 
         d = Path(model_dir)
@@ -152,12 +167,28 @@ class Qwen3VLProcessor:
                 raise FileNotFoundError(f"{d} has no {name}")
         image_cfg = ImageConfig.from_hf(json.loads((d / "preprocessor_config.json").read_text()))
         model_cfg = Qwen3VLConfig.from_dir(d) if (d / "config.json").exists() else None
-        return cls(Tokenizer.from_file(str(d / "tokenizer.json")), image_cfg, model_cfg)
+        return cls(Tokenizer.from_file(str(d / "tokenizer.json")), image_cfg, model_cfg, ChatTemplate.from_dir(d),
+                   reasoning=reasoning, template_kwargs=template_kwargs)
 
     # -- text ---------------------------------------------------------------------------------
     def format_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Qwen chat text. ``content`` is a string or a list of ``{"type": "text", "text": ...}`` /
-        ``{"type": "image"}`` items (the image itself is passed separately, in order)."""
+        """The chat as prompt text. ``content`` is a string or a list of ``{"type": "text", "text": ...}``
+        / ``{"type": "image"}`` items (the image itself is passed separately, in order).
+
+        With a chat template: its rendering, exactly as transformers' ``apply_chat_template`` (with
+        ``self.template_kwargs``). With ``add_generation_prompt``, a generation prompt that leaves a
+        ``<think>`` block open is closed empty (``reasoning="close"``: ``<think>\n\n</think>\n\n``, the
+        model's non-thinking form, so an answer prefix or a choice score follows the closed block)
+        or is a ValueError (``"refuse"``); see `ChatTemplate.prompt`. Without a template: the
+        built-in Qwen ``<|im_start|>role\n...<|im_end|>\n`` format."""
+        if self.chat_template is not None:
+            if add_generation_prompt:
+                return self.chat_template.prompt(messages, reasoning=self.reasoning, **self.template_kwargs)
+            return self.chat_template.render(messages, False, **self.template_kwargs)
+        return self._format_builtin(messages, add_generation_prompt)
+
+    def _format_builtin(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """The hand-written Qwen chat format, for snapshots without a chat template."""
         out = []
         for msg in messages:
             content = msg["content"]

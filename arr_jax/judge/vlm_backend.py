@@ -14,6 +14,11 @@ multiple of ``seq_bucket`` tokens, its image patches to ``patch_bucket`` and its
 ``image_bucket``; every batch decodes ``max_new_tokens`` steps at most (a request's own
 ``max_tokens`` truncates its answer afterwards, rather than changing the compiled shape).
 
+Prompts are rendered with the snapshot's own chat template (`arr_jax.judge.chat_template`; a
+generation prompt that opens a ``<think>`` block is closed empty, or refused with
+``reasoning="refuse"``), so the answer, and the choice-scoring prefix below, follow whatever that
+generation prompt ends with.
+
 Fast pairwise path: `p_first(requests)` appends the answer's opening ``{"rank": [`` to the
 assistant turn of each pairwise request and reads, from one prefill (`Decoder.score_choices`),
 the log-probabilities of the next token being "1" (Image 1 ranks first) or "2";
@@ -83,16 +88,19 @@ class FlaxVLMBackend:
         self.calls: Counter = Counter()   # requests answered, by task (and "p_first")
 
     @classmethod
-    def from_snapshot(cls, model_dir: str | Path, dtype="bfloat16", rules=None, **kw) -> "FlaxVLMBackend":
+    def from_snapshot(cls, model_dir: str | Path, dtype="bfloat16", rules=None, *, reasoning: str = "close",
+                      template_kwargs: dict | None = None, **kw) -> "FlaxVLMBackend":
         """Load a local Hugging Face Qwen3-VL snapshot (safetensors, config.json, tokenizer.json,
-        preprocessor_config.json); ``kw`` as for the constructor."""
+        preprocessor_config.json, and its chat template if it ships one); ``reasoning`` and
+        ``template_kwargs`` go to `Qwen3VLProcessor.from_dir`, ``kw`` to the constructor."""
         import jax.numpy as jnp
 
         from arr_jax.convert.qwen3_vl import load_qwen3_vl
 
+        processor = Qwen3VLProcessor.from_dir(model_dir, reasoning=reasoning, template_kwargs=template_kwargs)
         model, _ = load_qwen3_vl(model_dir, jnp.dtype(dtype), rules)
         kw.setdefault("name", f"qwen3_vl:{Path(model_dir).name}")
-        return cls(model, Qwen3VLProcessor.from_dir(model_dir), rules=rules, **kw)
+        return cls(model, processor, rules=rules, **kw)
 
     # -- batching ---------------------------------------------------------------------------
     def _batches(self, requests: Sequence[ChatRequest], room: int, prefix: str) -> Iterator[tuple[list[int], dict]]:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arr_jax.nn.rope import inverse_frequencies_f32
 from arr_jax.sharding import ShardingRules, shard
 
 Array = jax.Array
@@ -178,7 +179,8 @@ def mrope_axis_select(head_dim: int, section: Sequence[int]) -> np.ndarray:
 
 
 def text_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
+    """(head_dim // 2,) float32 RoPE inverse frequencies (`arr_jax.nn.rope.inverse_frequencies_f32`)."""
+    return inverse_frequencies_f32(head_dim, theta)
 
 
 def mrope_cos_sin(positions: Array, cfg: TextConfig) -> tuple[Array, Array]:

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from arr_jax.models.qwen3_vl_text import Embed, LayerNorm, Linear, apply_rope
+from arr_jax.nn.rope import inverse_frequencies_f32
 from arr_jax.sharding import ShardingRules, shard
 
 Array = jax.Array
@@ -152,7 +153,7 @@ def pack_patches(pixel_values: np.ndarray, aux: dict[str, np.ndarray]) -> np.nda
 def vision_rope(rope_pos: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """rope_pos ``(..., 2)`` → cos, sin ``(..., head_dim)``: ``[h-freqs, w-freqs]`` repeated twice."""
     half = head_dim // 2
-    inv = 1.0 / (theta ** (np.arange(0, half, 2, dtype=np.float32) / half))
+    inv = inverse_frequencies_f32(half, theta)
     freqs = rope_pos.astype(jnp.float32)[..., None] * jnp.asarray(inv, jnp.float32)  # (..., 2, D/4)
     hw = freqs.reshape(freqs.shape[:-2] + (-1,))
     emb = jnp.concatenate([hw, hw], axis=-1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,27 +31,51 @@ class LoRAParam(nnx.Param):
     """A trainable low-rank adapter matrix (``lora_a`` or ``lora_b``)."""
 
 
+MATCH_MODES = ("suffix", "exact")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """rank r, scale alpha / r, and module-name suffixes to adapt.
+    """rank r, scale alpha / r, and the Linear modules to adapt (``targets``, read per ``match``).
 
-    A target matches a module whose dotted path equals it or ends with ``"." + target``,
-    e.g. ``"attn.to_q"`` matches ``"transformer_blocks.0.attn.to_q"`` and
-    ``"single_transformer_blocks.3.attn.to_q"``.
+    ``match="suffix"`` (for targets written in a config): a target matches every module whose
+    dotted path equals it or ends with ``"." + target`` (the rule of PEFT's
+    ``LoraConfig(target_modules=[...])``), e.g. ``"attn.to_q"`` matches
+    ``"transformer_blocks.0.attn.to_q"`` and ``"single_transformer_blocks.3.attn.to_q"``.
+
+    ``match="exact"`` (for module names read from a LoRA file, see
+    `arr_jax.convert.lora_peft.lora_config_from_file`): a target matches only the module with
+    exactly that dotted path, e.g. ``"proj_out"`` is the top-level output projection and not
+    ``"single_transformer_blocks.0.proj_out"``. This is how PEFT injects adapters from a state dict
+    (``inject_adapter_in_model(..., state_dict=...)``, which diffusers' ``load_lora_weights``
+    uses): every module the file names, and only those, is adapted.
+
+    Raises ValueError for an unknown ``match`` or for ``targets`` given as one string.
     """
 
     rank: int = 16
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     param_dtype: Any = jnp.float32  # adapters stay float32 even when the base weights are bf16
+    match: str = "suffix"
+
+    def __post_init__(self):
+        if self.match not in MATCH_MODES:
+            raise ValueError(f"LoRAConfig.match must be one of {MATCH_MODES}, got {self.match!r}")
+        if isinstance(self.targets, str):
+            raise ValueError(f"LoRAConfig.targets must be a sequence of module names, got the string "
+                             f"{self.targets!r} (write ({self.targets!r},) for one target)")
+        object.__setattr__(self, "targets", tuple(self.targets))
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
-
-def _matches(path: str, targets: Iterable[str]) -> bool:
-    return any(path == t or path.endswith("." + t) for t in targets)
+    def matches(self, path: str) -> bool:
+        """Whether the module at dotted ``path`` is a target under this config's ``match`` rule."""
+        if self.match == "exact":
+            return path in self.targets
+        return any(path == t or path.endswith("." + t) for t in self.targets)
 
 
 def _dotted(path: tuple) -> str:
@@ -70,19 +94,22 @@ def add_lora(linear: Linear, rank: int, alpha: float, *, rngs: nnx.Rngs, dtype: 
 
 
 def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str]:
-    """Attach adapters to every `Linear` whose dotted path matches ``config.targets``.
+    """Attach adapters to every `Linear` whose dotted path matches ``config`` (see `LoRAConfig`).
 
-    Returns the adapted paths (sorted). Errors if nothing matched, so a typo in a
-    target cannot silently train nothing.
+    Returns the adapted paths (sorted). Raises ValueError if nothing matched (so a typo in a
+    suffix target cannot silently train nothing) and, with ``match="exact"``, if any target is not
+    the path of a Linear of the model (the error lists them).
     """
-    hits = []
-    for path, module in nnx.iter_modules(model):
-        name = _dotted(path)
-        if isinstance(module, Linear) and _matches(name, config.targets):
-            hits.append((name, module))
+    linears = {_dotted(path): m for path, m in nnx.iter_modules(model) if isinstance(m, Linear)}
+    if config.match == "exact":
+        missing = [t for t in config.targets if t not in linears]
+        if missing:
+            raise ValueError(f"LoRA targets (exact module names) that are no Linear layer of the model: "
+                             f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} of "
+                             f"{len(config.targets)}); the model's Linear layers are e.g. {sorted(linears)[:4]}")
+    hits = sorted(((name, m) for name, m in linears.items() if config.matches(name)), key=lambda h: h[0])
     if not hits:
         raise ValueError(f"LoRA targets {config.targets} matched no Linear layer")
-    hits.sort(key=lambda h: h[0])
     for _, module in hits:
         add_lora(module, config.rank, config.alpha, rngs=rngs, dtype=config.param_dtype)
     return [n for n, _ in hits]

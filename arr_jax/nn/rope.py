@@ -26,6 +26,19 @@ def inverse_frequencies(axes_dims: Sequence[int], theta: float = 10000.0) -> np.
     return np.concatenate(out).astype(np.float32)
 
 
+def inverse_frequencies_f32(dim: int, theta: float) -> np.ndarray:
+    """``1 / theta ** (arange(0, dim, 2) / dim)``, (dim // 2,) float32, as transformers' default RoPE
+    init computes it in float32 (Qwen3-VL text and vision), but with the power taken in float64 and
+    rounded once: the quotient ``i / dim`` and the reciprocal are float32 steps like the reference's,
+    so the table matches transformers' bit for bit wherever torch's float32 ``pow`` is correctly
+    rounded (a plain numpy float32 ``pow`` differs in ~10% of the entries, and one ulp of a frequency
+    is ~6e-4 rad at position 10^4).
+    """
+    e = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    power = (np.float64(theta) ** e.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
+
+
 def rope_angles(ids: jax.Array, axes_dims: Sequence[int], theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
     """Cos/sin tables for position ids.
 
