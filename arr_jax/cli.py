@@ -104,9 +104,9 @@ def run_main(main) -> None:
 
     def wrapped(argv):
         if os.environ.get("ARR_JAX_DISTRIBUTED") == "1":  # set by launch/*.sh on multi-host runs
-            import jax
+            from arr_jax.distributed import distributed_init
 
-            jax.distributed.initialize()
+            distributed_init()
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger("absl").setLevel(logging.WARNING)
         logging.getLogger("absl").addFilter(_QuietLibraries())

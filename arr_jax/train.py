@@ -23,7 +23,8 @@ def main(argv):
 
     run = build_run(config_from_flags())
     history = train(run)
-    print(summary(run, history))
+    if run.is_writer:
+        print(summary(run, history))
 
 
 if __name__ == "__main__":

@@ -3,22 +3,24 @@
 Built from a diffusers snapshot (``config.model_dir``) by `arr_jax.diffusion.flux_pipeline`:
 
 * ``encode_fn``: T5 + CLIP embeddings from the pipeline's prompt cache (on disk under
-  ``cache_dir``: each prompt is encoded once, across runs and resumes) and, for Kontext, the
-  VAE-encoded source latents (B, M, 64) appended as conditioning (kept in memory per source).
+  ``cache_dir``: each prompt is encoded once, across runs and resumes; in memory with several
+  processes) and, for Kontext, the VAE-encoded source latents (B, M, 64) appended as conditioning
+  (kept in memory per source image).
 * ``apply_fn``: `FluxLatentSpace.apply` on packed latents (B, N, 64), the guidance embedding
   from ``rpo.guidance`` (no CFG, SPEC §2); Kontext's source tokens take part in the rollout,
   the reference pass and the update alike, so the on-policy ratio is exactly 1 there too.
 * ``decode_fn(vae_state, x0)``: the VAE decode of the last ``x0_hat`` to uint8; the VAE
   weights are the argument ``vae_state`` (``decode_params``), not constants of the program.
-* ``precompute``: encodes every prompt of the run up front (progress bar), then frees T5-XXL and
-  CLIP (``flux.release_text_encoders``): later prompts come from the cache.
+* ``precompute``: encodes every prompt (and Kontext source) of the run up front (progress bar), then
+  frees T5-XXL and CLIP (``flux.release_text_encoders``): later prompts come from the cache. With
+  several processes this is the only encoding: it runs the same programs on every process.
 """
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -45,8 +47,11 @@ def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0):
         raise ValueError(f"set --config.model_dir to a diffusers {cfg.kind} snapshot directory "
                          "(e.g. black-forest-labs/FLUX.1-dev downloaded with `hf download`)")
     f = cfg.flux
+    # With several processes every one encodes the same prompts in lockstep (the encoders are sharded
+    # over all of them), so what is cached must be the same everywhere: memory only.
+    cache_dir = (cfg.cache_dir or None) if jax.process_count() == 1 else None
     return FluxPipeline.from_pretrained(
-        cfg.model_dir, cache_dir=cfg.cache_dir or None, rules=rules, dtype=f.dtype, text_dtype=f.text_dtype,
+        cfg.model_dir, cache_dir=cache_dir, rules=rules, dtype=f.dtype, text_dtype=f.text_dtype,
         vae_dtype=f.vae_dtype, t5_max_length=f.t5_max_length, lora=lora, lora_seed=lora_seed,
         expect=PIPELINE_KIND[cfg.kind], attention_impl=f.attention_impl, remat=f.remat)
 
@@ -63,21 +68,33 @@ def build(cfg, rules=None) -> Policy:
     editing = cfg.kind == "flux_kontext"
     space = pipe.latent_space(r.height, r.width, (r.height, r.width) if editing else None)
     vae_graph, vae_state = nnx.split(pipe.snap.vae)
-    sources: OrderedDict[str, np.ndarray] = OrderedDict()
+    sources: dict[str, np.ndarray] = {}  # source latents by image hash, all made by `precompute`
+
+    def source_key(it: PromptItem) -> str:
+        if it.source is None:
+            raise ValueError(f"prompt {it.origin or it.text[:60]!r} has no source image, but the "
+                             f"{cfg.kind} policy edits images (JSONL prompts need a 'source')")
+        return hashlib.sha1(np.ascontiguousarray(it.source).tobytes()).hexdigest()
 
     def source_latents(items: Sequence[PromptItem]) -> np.ndarray:
-        out = []
-        for it in items:
-            if it.source is None:
-                raise ValueError(f"prompt {it.origin or it.text[:60]!r} has no source image, but the "
-                                 f"{cfg.kind} policy edits images (JSONL prompts need a 'source')")
-            key = hashlib.sha1(np.ascontiguousarray(it.source).tobytes()).hexdigest()
-            if key not in sources:
-                sources[key] = pipe.encode_sources(it.source[None])[0]
-                while len(sources) > 4096:
-                    sources.popitem(last=False)
-            out.append(sources[key])
-        return np.stack(out)
+        keys = [source_key(it) for it in items]
+        missing = [it for it, k in zip(items, keys) if k not in sources]
+        if missing:
+            if jax.process_count() > 1:  # encoding only some processes' sources would hang the others
+                raise RuntimeError(f"source of {missing[0].origin or missing[0].text[:60]!r} was not encoded up "
+                                   "front (precompute); every prompt of a multi-process run must be known at start")
+            encode_sources(missing)
+        return np.stack([sources[k] for k in keys])
+
+    def encode_sources(items: Sequence[PromptItem]) -> None:
+        todo = list({source_key(it): it for it in items if source_key(it) not in sources}.items())
+        n = max(pipe.encode_batch, 1)
+        for lo in range(0, len(todo), n):  # fixed batches: the same programs on every process
+            chunk = todo[lo:lo + n]
+            imgs = np.stack([it.source for _, it in chunk] + [chunk[-1][1].source] * (n - len(chunk)))
+            lat = pipe.encode_sources(imgs)
+            for i, (k, _) in enumerate(chunk):
+                sources[k] = np.asarray(lat[i])
 
     def encode_fn(items: Sequence[PromptItem]) -> dict:
         cond = pipe.conditioning([it.text for it in items], guidance=r.guidance)
@@ -95,8 +112,10 @@ def build(cfg, rules=None) -> Policy:
         texts = list(dict.fromkeys(it.text for it in items))
         chunk = max(pipe.encode_batch, 1) * 8
         for lo in tqdm(range(0, len(texts), chunk), desc="text embeddings", unit="batch", dynamic_ncols=True,
-                       disable=len(texts) <= chunk):
+                       disable=len(texts) <= chunk or jax.process_index() > 0):
             pipe.encode_prompts(texts[lo:lo + chunk])
+        if editing:
+            encode_sources(items)
         if cfg.flux.get("release_text_encoders", True):
             pipe.release_text_encoders()
 

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from arr_jax.judge.base import flip_winner
+from arr_jax.multihost import is_main, sum_over_processes, union_keys
 from arr_jax.policies.base import PromptItem
 
 
@@ -58,7 +59,8 @@ class Evaluator:
         self._base: np.ndarray | None = None
 
     def images(self, trainer, *, base: bool) -> np.ndarray:
-        """uint8 (n, H, W, 3) of the base (cached: it never changes) or the current policy."""
+        """uint8 (n_local, H, W, 3) of this process's items (`RPOTrainer.local_indices`): the base
+        (cached: it never changes) or the current policy."""
         if base and self._base is not None:
             return self._base
         out = trainer.generate(self.items, self.seeds, use_reference=base, sampler=self.sampler, sigmas=self.sigmas)
@@ -69,41 +71,49 @@ class Evaluator:
     def _symmetric(self) -> bool:
         return bool(getattr(getattr(self.judge, "judge", None), "symmetrize", None))
 
-    def compare(self, current: np.ndarray, base: np.ndarray) -> dict:
-        """Win-rate metrics of ``current`` against ``base`` images (both orders)."""
-        fwd = self.judge.compare(self.items, current, base)
+    def compare(self, current: np.ndarray, base: np.ndarray, items: Sequence[PromptItem] | None = None) -> dict:
+        """Win-rate metrics of ``current`` against ``base`` images (both orders), over all processes:
+        each passes its own images and items (default: all items)."""
+        items = self.items if items is None else list(items)
+        fwd = self.judge.compare(items, current, base)
         if self._symmetric():  # the judge already combined both orders
             rev_w = fwd.winner
             failures = dict(fwd.failures)
         else:
-            rev = self.judge.compare(self.items, base, current)
+            rev = self.judge.compare(items, base, current)
             rev_w = flip_winner(rev.winner)
             failures = {k: fwd.failures.get(k, 0) + rev.failures.get(k, 0)
                         for k in set(fwd.failures) | set(rev.failures)}
         s = 0.5 * (_scores(fwd.winner) + _scores(rev_w))
-        n = len(s)
-        out = {"eval/win_rate": float(s.mean()),
-               "eval/win_rate_se": float(s.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
-               "eval/tie_rate": float(np.mean(s == 0.5)),
-               "eval/order_flip_rate": float(np.mean((fwd.winner != rev_w) & (fwd.winner != 0) & (rev_w != 0))),
-               "eval/pairs": float(n)}
-        for k, v in failures.items():
-            out[f"eval/judge_failures/{k}"] = float(v)
+        sums = {"n": float(len(s)), "s": float(s.sum()), "s2": float((s ** 2).sum()), "tie": float(np.sum(s == 0.5)),
+                "flip": float(np.sum((fwd.winner != rev_w) & (fwd.winner != 0) & (rev_w != 0)))}
+        for k in union_keys(failures):
+            sums[f"eval/judge_failures/{k}"] = float(failures.get(k, 0))
+        tot = sum_over_processes(sums)
+        n = tot.pop("n")
+        mean = tot.pop("s") / n
+        var = max(tot.pop("s2") / n - mean ** 2, 0.0) * n / (n - 1) if n > 1 else float("nan")
+        out = {"eval/win_rate": mean, "eval/win_rate_se": float(np.sqrt(var / n)) if n > 1 else float("nan"),
+               "eval/tie_rate": tot.pop("tie") / n, "eval/order_flip_rate": tot.pop("flip") / n, "eval/pairs": n}
+        out.update(tot)
         return out
 
     def __call__(self, trainer, iteration: int, writer=None) -> dict:
-        """Evaluate now; returns ``eval/*`` metrics and writes the grid (PNG + TensorBoard)."""
+        """Evaluate now (every process calls it); returns ``eval/*`` metrics and, on process 0,
+        writes the grid (PNG + TensorBoard)."""
+        local = trainer.local_indices(len(self.items))
+        items = [self.items[i] for i in local]
         base = self.images(trainer, base=True)
         cur = self.images(trainer, base=False)
-        out = self.compare(cur, base)
+        out = self.compare(cur, base, items)
         if self.criteria_fn is not None:
-            table = self.criteria_fn(self.items, cur)
-            for name, v in table.items():
-                out[f"eval/criteria/{name}"] = float(np.mean(v))
-            if "accuracy" in table:
-                out["eval/accuracy"] = float(np.mean(table["accuracy"]))
-        if self.outdir is not None and self.grid_prompts:
-            path = self.save_grid(base, cur, iteration)
+            table = self.criteria_fn(items, cur)
+            tot = sum_over_processes({"n": float(len(items)), **{k: float(np.sum(v)) for k, v in table.items()}})
+            n = tot.pop("n")
+            for name, v in tot.items():
+                out["eval/accuracy" if name == "accuracy" else f"eval/criteria/{name}"] = v / n
+        if self.outdir is not None and self.grid_prompts and is_main():
+            path = self.save_grid(base, cur, local, iteration)
             if writer is not None:
                 from PIL import Image
 
@@ -111,12 +121,13 @@ class Evaluator:
                     writer.add_image("eval/grid", np.asarray(im)[..., :3], iteration, dataformats="HWC")
         return out
 
-    def save_grid(self, base: np.ndarray, cur: np.ndarray, iteration: int) -> Path:
-        """Base row over current row, one column per shown prompt (its first seed)."""
+    def save_grid(self, base: np.ndarray, cur: np.ndarray, local: np.ndarray, iteration: int) -> Path:
+        """Base row over current row, one column per shown prompt (its first seed among this
+        process's images)."""
         from arr_jax.rpo.figures import save_grid
 
-        pick = np.linspace(0, len(self.prompts) - 1, self.grid_prompts).round().astype(int)
-        idx = [int(i) * self.k for i in pick]
+        first = [j for j, i in enumerate(local) if i % self.k == 0]  # positions of each prompt's first seed
+        pick = [first[int(t)] for t in np.linspace(0, len(first) - 1, min(self.grid_prompts, len(first))).round()]
         title = f"held-out prompts, same seeds: base (LoRA off) vs policy after {iteration} iterations"
-        return save_grid(self.outdir / f"eval_{iteration:05d}.png", [base[idx], cur[idx]],
-                         ["base", f"RPO {iteration}"], title, col_labels=[self.items[i].text for i in idx])
+        return save_grid(self.outdir / f"eval_{iteration:05d}.png", [base[pick], cur[pick]],
+                         ["base", f"RPO {iteration}"], title, col_labels=[self.items[local[j]].text for j in pick])

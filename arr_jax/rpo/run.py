@@ -59,14 +59,44 @@ class RPORun:
         return jax.process_index() == 0
 
 
+def judge_devices(cfg) -> list:
+    """The devices the judge runs on (see `mesh_rules`)."""
+    n = int(cfg.get("judge", {}).get("mesh", 0)) if "judge" in cfg else 0
+    if n <= 0:  # the policy's mesh; with several processes, each judges on its own devices
+        return list(jax.devices()) if jax.process_count() == 1 else list(jax.local_devices())
+    local = list(jax.local_devices())
+    if n >= len(local):
+        raise ValueError(f"judge.mesh={n}: a judge sub-mesh needs fewer devices than the {len(local)} of this "
+                         "process, so the policy keeps some")
+    return local[-n:]
+
+
 def mesh_rules(cfg):
-    """Sharding rules over ``cfg.mesh`` when there is more than one device (None on one device)."""
-    if jax.device_count() == 1:
-        return None
+    """``(policy_rules, judge_rules)``: sharding rules over the policy's mesh (``cfg.mesh``) and the judge's.
+
+    ``judge.mesh = 0`` (default): the judge shares the policy's devices; N > 0: the judge runs on a
+    sub-mesh of N devices (the last N of each process) and the policy on the rest. With several
+    processes the judge is data-parallel across processes (each process judges its own pairs on
+    its own devices: no image crosses hosts) and sharded within a process. None where a mesh would
+    hold one device.
+    """
     from arr_jax.sharding import make_mesh, make_rules
 
+    judge = judge_devices(cfg)
+    taken = {d.id for d in judge} if int(cfg.get("judge", {}).get("mesh", 0) if "judge" in cfg else 0) > 0 else set()
+    if taken and jax.process_count() > 1:  # every process gives its last N devices to its judge
+        n = len(judge)
+        by_proc: dict[int, list] = {}
+        for d in jax.devices():
+            by_proc.setdefault(d.process_index, []).append(d)
+        taken = {d.id for ds in by_proc.values() for d in ds[-n:]}
+    policy = [d for d in jax.devices() if d.id not in taken]
     m = cfg.get("mesh", None)
-    return make_rules(make_mesh(**(m.to_dict() if m is not None else {"data": -1})))
+    shape = m.to_dict() if m is not None else {"data": -1}
+    policy_rules = make_rules(make_mesh(**shape, devices=policy)) if len(policy) > 1 else None
+    judge_rules = (policy_rules if not taken and jax.process_count() == 1
+                   else make_rules(make_mesh(data=1, fsdp=-1, tensor=1, devices=judge)) if len(judge) > 1 else None)
+    return policy_rules, judge_rules
 
 
 def world_criteria(items, images) -> dict:
@@ -93,19 +123,28 @@ def build_evaluator(cfg, judge, eval_prompts, workdir: Path, rules=None) -> Eval
                      criteria_fn=world_criteria if cfg.kind == "world" else None)
 
 
+def _describe(rules) -> str:
+    if rules is None or rules.mesh is None:
+        return "1 device"
+    return "x".join(f"{k}={v}" for k, v in rules.mesh.shape.items()) + f" ({rules.mesh.size} devices)"
+
+
 def build_run(cfg) -> RPORun:
     """Read the prompts first (bad files fail before anything is built), then the policy,
     the judge and the evaluator, and the trainer over them."""
     workdir = Path(cfg.workdir)
     train_prompts = build_prompts(cfg, "train")
     eval_prompts = build_prompts(cfg, "eval") if cfg.rpo.get("eval_every", 0) else []
-    rules = mesh_rules(cfg)
+    rules, judge_rules = mesh_rules(cfg)
+    if jax.process_index() == 0:
+        print(f"mesh: policy {_describe(rules)}, judge {_describe(judge_rules)}; {jax.process_count()} process(es), "
+              f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
     policy = build_policy(cfg, rules)
-    judge = build_judge(cfg.judge, rules=rules, workdir=workdir)
+    judge = build_judge(cfg.judge, rules=judge_rules, workdir=workdir)
     if policy.is_editing and not judge.accepts_sources:
         raise ValueError(f"judge.kind {cfg.judge.kind!r} cannot judge edits: use 'qwen3_vl' or 'api' with the "
                          f"{cfg.kind} policy")
-    evaluator = build_evaluator(cfg, judge, eval_prompts, workdir, rules)
+    evaluator = build_evaluator(cfg, judge, eval_prompts, workdir, judge_rules)
     trainer = RPOTrainer(policy, judge, rpo_settings(cfg.rpo), rules=rules, seed=cfg.seed,
                          trainable="full" if cfg.rpo.get("full_finetune", False) else "lora")
     return RPORun(cfg=cfg, policy=policy, trainer=trainer, judge=judge, evaluator=evaluator,
@@ -140,11 +179,27 @@ def _check_rubric(ckpt, run: RPORun) -> None:
 
 
 def export_lora(run: RPORun, name: str, iteration: int) -> Path | None:
-    """``<workdir>/lora/<name>.safetensors`` in the diffusers/PEFT layout (process 0 writes)."""
-    if run.policy.export_lora is None or not run.is_writer:
+    """``<workdir>/lora/<name>.safetensors`` in the diffusers/PEFT layout. Every process calls it (the
+    adapters are gathered from all processes' devices); process 0 writes."""
+    if run.policy.export_lora is None:
         return None
     meta = {**run_metadata(run), "iteration": iteration}
-    return run.policy.export_lora(run.policy.model, run.workdir / "lora" / f"{name}.safetensors", meta)
+    path = run.workdir / "lora" / f"{name}.safetensors"
+    if jax.process_count() == 1:
+        return run.policy.export_lora(run.policy.model, path, meta)
+    from flax import nnx
+
+    from arr_jax.multihost import host_tree
+
+    host = host_tree(run.trainer.trainable)
+    if not run.is_writer:
+        return None
+    device = jax.tree.map(lambda x: x, run.trainer.trainable)
+    nnx.update(run.policy.model, host)  # host copies just for writing them out; no device work meanwhile
+    try:
+        return run.policy.export_lora(run.policy.model, path, meta)
+    finally:
+        nnx.update(run.policy.model, device)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -176,15 +231,17 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         state, extra = ckpt.restore(trainer.state_dict())
         trainer.load_state_dict(state)
         history = list(extra.get("history", []))
-        print(f"resumed RPO from iteration {trainer.iteration} ({work / 'checkpoints'})")
+        if run.is_writer:
+            print(f"resumed RPO from iteration {trainer.iteration} ({work / 'checkpoints'})")
     if run.is_writer:
         meta = {**run_metadata(run), "policy_info": {k: v for k, v in run.policy.info.items()
                                                      if isinstance(v, (str, int, float, type(None)))},
                 "config": cfg.to_dict(), "devices": jax.device_count(), "processes": jax.process_count()}
         (work / "run.json").write_text(json.dumps(meta, indent=2, default=str))
-    print(f"judge {run.judge.name}: " + (f"rubric {run.judge.identity['rubric_path']} (sha256 "
+    if run.is_writer:
+        print(f"judge {run.judge.name}: " + (f"rubric {run.judge.identity['rubric_path']} (sha256 "
                                          f"{run.judge.rubric_sha256[:12]})" if run.judge.rubric_sha256
-                                         else "no rubric (direct judge)"))
+                                             else "no rubric (direct judge)"))
     if run.policy.precompute is not None:
         run.policy.precompute(run.train_prompts + run.eval_prompts)
     writer = SummaryWriter(str(work / "tensorboard")) if run.is_writer else None
@@ -195,7 +252,7 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         _, best = best_ckpt.restore({"trainable": trainer.trainable})
     max_fail = float(cfg.judge.get("max_failure_fraction", 1.0))
     bar = tqdm(total=r.iterations, initial=trainer.iteration, desc="RPO", dynamic_ncols=True,
-               disable=not progress)
+               disable=not progress or not run.is_writer)
     while trainer.iteration < r.iterations:
         it = trainer.iteration
         items = iteration_prompts(run.train_prompts, cfg.seed, it, r.pairs_per_batch)
@@ -232,7 +289,8 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         best_ckpt.wait()
         state, best = best_ckpt.restore({"trainable": trainer.trainable})
         trainer.trainable = state["trainable"]
-        print(f"keep_best: using the weights after iteration {best['iteration']} (held-out score {best['score']:.3f})")
+        if run.is_writer:
+            print(f"keep_best: using the weights after iteration {best['iteration']} (held-out score {best['score']:.3f})")
         if history:
             history[-1] = {**history[-1], "best_iteration": best["iteration"], "best_score": best["score"]}
     final = export_lora(run, "final", trainer.iteration)

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arr_jax.diffusion.schedule import rollout_sigmas
+from arr_jax.multihost import from_host_local, local_rows, sum_over_processes, to_host_local, union_keys
 from arr_jax.policies.base import Policy, PromptItem, as_items
 from arr_jax.rpo.programs import LossConfig, PolicyPrograms, make_optimizer
 from arr_jax.rpo.rewards import pair_rewards
@@ -108,12 +109,13 @@ class NonFiniteLossError(FloatingPointError):
 class RolloutBatch:
     """A rollout of P prompt pairs (2P samples) in the layout of `arr_jax.rpo.programs`.
 
-    items:    the P prompts (`PromptItem`, with sources when editing).
-    latents:  (M, T+1, mb, *latent) float32: every x_t of every sample (M micro-batches of mb).
+    items:    this process's prompts (`PromptItem`, with sources when editing): all P on one
+              process, else the pairs its devices hold (`RPOTrainer.local_pairs`).
+    latents:  (M, T+1, mb, *latent) float32 global array: every x_t of every sample (M micro-batches of mb).
     logp_old: (M, T, mb) float32 log-probs of the sampled transitions.
     cond:     pytree of (M, mb, ...) conditioning (each prompt's, repeated for its two samples).
-    images:   uint8 (2P, H, W, 3) on the host: the decode of each sample's last ``x0_hat``.
-              Samples ``2p`` and ``2p+1`` (flattened order) are pair ``p``.
+    images:   uint8 (2 len(items), H, W, 3) on this host: the decode of each of its samples' last
+              ``x0_hat``; images ``2p`` and ``2p+1`` are the pair of ``items[p]``.
     """
 
     items: list[PromptItem]
@@ -160,6 +162,14 @@ class RPOTrainer:
                 raise ValueError(f"rpo.micro_batch={settings.micro_batch} samples cannot be split over the {n} "
                                  f"devices of the mesh's batch axes {tuple(axes)}: use a multiple of {n}")
         self.latent_shape = tuple(policy.latent_shape)
+        # The rows of every micro-batch this process rolls out, decodes and judges (all of them on one
+        # process); a pair's two samples must sit on the same process.
+        self.rows = (np.arange(settings.micro_batch) if self._sharding(1) is None
+                     else local_rows(self._sharding(1), (settings.micro_batch,)))
+        if np.any(self.rows[0::2] % 2) or not np.array_equal(self.rows[1::2], self.rows[0::2] + 1):
+            raise ValueError(f"rpo.micro_batch={settings.micro_batch}: every process must hold whole pairs of "
+                             f"samples, but this process holds rows {self.rows.tolist()}; use a micro_batch of "
+                             f"2 x {jax.process_count()} x (a multiple of the devices per process)")
         model = policy.model
         has_lora = any(True for _ in jax.tree.leaves(nnx.state(model, LoRAParam)))
         if trainable not in (None, "lora", "full"):
@@ -183,7 +193,9 @@ class RPOTrainer:
         loss = LossConfig(clip_eps=settings.clip_eps, kl_beta=settings.kl_beta, kl_type=settings.kl_type,
                           eta=settings.eta, sde_kind=settings.sde_kind, quantize_t=settings.quantize_t)
         self.programs = PolicyPrograms(self.graphdef, policy.apply_fn, loss, self.tx, self.sigmas)
-        self._decode = jax.jit(policy.decode_fn)
+        # images come out sharded like the batch, so each process reads back its own rows only
+        self._decode = jax.jit(policy.decode_fn, out_shardings=self._sharding(4))
+        self._noise_fns: dict = {}
         self.key = jax.random.key(seed)
         self.iteration = 0
         self.counters = {"nonfinite_updates": 0}
@@ -204,22 +216,56 @@ class RPOTrainer:
         nnx.update(self.policy.model, value)
 
     # --- sharding helpers ---------------------------------------------------------------
-    def _put(self, x, batch_axis: int):
+    def _sharding(self, ndim: int, batch_axis: int = 0) -> NamedSharding | None:
+        """The batch axis over the mesh's ("data", "fsdp"); None without a mesh."""
         if self.rules is None or self.rules.mesh is None:
-            return jnp.asarray(x)
-        spec = [None] * np.ndim(x)
+            return None
+        spec = [None] * ndim
         spec[batch_axis] = self.rules.rules["batch"]
-        return jax.device_put(x, NamedSharding(self.rules.mesh, P(*spec)))
+        return NamedSharding(self.rules.mesh, P(*spec))
 
-    @staticmethod
-    def _host(x) -> np.ndarray:
-        """A device array to the host (the images the judge needs)."""
-        return np.asarray(jax.device_get(x))
+    def _put(self, x, batch_axis: int):
+        """A global array (the same value on every process) placed with the batch axis sharded."""
+        sh = self._sharding(np.ndim(x), batch_axis)
+        return jnp.asarray(x) if sh is None else jax.device_put(x, sh)
+
+    def _from_local(self, local, batch_axis: int, global_len: int):
+        """A global array from this process's rows (``self.rows`` of ``global_len``) along ``batch_axis``."""
+        local = np.asarray(local)
+        sh = self._sharding(local.ndim, batch_axis)
+        if sh is None:
+            return jnp.asarray(local)
+        shape = list(local.shape)
+        shape[batch_axis] = global_len
+        return from_host_local(local, sh, tuple(shape))
+
+    def _noise(self, key: jax.Array, n: int, shared: bool) -> jax.Array:
+        """N(0, 1) latents (n, *latent) made on the devices (the same values on any mesh or process
+        layout); ``shared``: both samples of each pair start from the same noise."""
+        sh = self._sharding(1 + len(self.latent_shape))
+        fn = self._noise_fns.get((n, shared))
+        if fn is None:
+            def make(k):
+                if shared:
+                    return jnp.repeat(jax.random.normal(k, (n // 2,) + self.latent_shape, jnp.float32), 2, axis=0)
+                return jax.random.normal(k, (n,) + self.latent_shape, jnp.float32)
+            fn = self._noise_fns[(n, shared)] = jax.jit(make, out_shardings=sh)
+        return fn(key)
+
+    def _replicated(self, x):
+        """``x`` on every device of the mesh (a global array every process can save), as is without one."""
+        if self.rules is None or self.rules.mesh is None:
+            return x
+        sh = NamedSharding(self.rules.mesh, P())
+        typed = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        data = np.asarray(jax.random.key_data(x) if typed else x)
+        out = jax.make_array_from_callback(data.shape, sh, lambda idx: data[idx])
+        return jax.random.wrap_key_data(out, impl=jax.random.key_impl(x)) if typed else out
 
     def state_dict(self) -> dict:
         """Everything resume needs: trained weights, optimiser, RNG key, iteration (= data position)."""
-        d = {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self.key,
-             "iteration": jnp.asarray(self.iteration, jnp.int32)}
+        d = {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self._replicated(self.key),
+             "iteration": self._replicated(jnp.asarray(self.iteration, jnp.int32))}
         if self.mode == "full":
             d["reference"] = self.ref_trainable
         return d
@@ -235,8 +281,18 @@ class RPOTrainer:
         cond = self.policy.encode_fn(list(items))
         return jax.tree.map(lambda c: jnp.repeat(jnp.asarray(c), repeat, axis=0), cond)
 
+    def local_pairs(self, n_pairs: int) -> np.ndarray:
+        """Indices of the pairs (of ``n_pairs``, in flattened sample order) this process rolls out and
+        judges: its rows of every micro-batch, a deterministic slice of the iteration's prompts."""
+        mb = self.s.micro_batch
+        return np.concatenate([(m * mb + self.rows[0::2]) // 2 for m in range(2 * n_pairs // mb)])
+
     def rollout(self, prompts: Sequence[PromptItem | str], key: jax.Array, trainable=None) -> RolloutBatch:
-        """Two SDE samples per prompt with the current policy (or ``trainable``), decoded for the judge."""
+        """Two SDE samples per prompt with the current policy (or ``trainable``), decoded for the judge.
+
+        ``prompts`` are the iteration's P prompts (the same list on every process). Each process
+        encodes, decodes and keeps the images of its own pairs only (`local_pairs`).
+        """
         s = self.s
         items = as_items(prompts)
         tr = self.trainable if trainable is None else trainable
@@ -246,55 +302,64 @@ class RPOTrainer:
             raise ValueError(f"{n_pairs} prompts give {B} samples, not a multiple of micro_batch={mb}")
         M = B // mb
         k_noise, k_sde = jax.random.split(key)
-        if s.shared_noise:
-            x0 = jax.random.normal(k_noise, (n_pairs,) + self.latent_shape, jnp.float32)
-            x_init = jnp.repeat(x0, 2, axis=0)
-        else:
-            x_init = jax.random.normal(k_noise, (B,) + self.latent_shape, jnp.float32)
         t0 = time.perf_counter()
-        cond = jax.tree.map(lambda c: c.reshape((M, mb) + c.shape[1:]), self._conditioning(items, 2))
-        x_init = x_init.reshape((M, mb) + self.latent_shape)
+        conds = []
+        for m in range(M):
+            local = [items[j] for j in (m * mb + self.rows[0::2]) // 2]
+            cond = self._conditioning(local, 2)
+            conds.append(jax.tree.map(lambda c: self._from_local(c, 0, mb), cond))
         t1 = time.perf_counter()
         lat, logp, x0s = [], [], []
         for m in range(M):
-            c_m = jax.tree.map(lambda c: self._put(c[m], 0), cond)
-            traj = self.programs.rollout(tr, self.frozen, c_m, self._put(x_init[m], 0),
+            traj = self.programs.rollout(tr, self.frozen, conds[m], self._noise(jax.random.fold_in(k_noise, m), mb,
+                                                                                s.shared_noise),
                                          jax.random.fold_in(k_sde, m), self.sigmas)
             lat.append(traj.latents)
             logp.append(traj.log_probs)
             x0s.append(traj.x0)
         jax.block_until_ready(x0s)
         t2 = time.perf_counter()
-        images = np.concatenate([self._host(self._decode(self.policy.decode_params, x)) for x in x0s], axis=0)
+        images = np.concatenate([to_host_local(self._decode(self.policy.decode_params, x))[1] for x in x0s], axis=0)
         t3 = time.perf_counter()
         self.timing.update({"encode": t1 - t0, "rollout": t2 - t1, "decode": t3 - t2})
-        return RolloutBatch(items=items, latents=jnp.stack(lat), logp_old=jnp.stack(logp), cond=cond,
-                            images=images)
+        cond = jax.tree.map(lambda *cs: jnp.stack(cs), *conds)
+        return RolloutBatch(items=[items[j] for j in self.local_pairs(n_pairs)], latents=jnp.stack(lat),
+                            logp_old=jnp.stack(logp), cond=cond, images=images)
 
     def judge_batch(self, batch: RolloutBatch) -> tuple[np.ndarray, dict]:
-        """Judge each pair under the run's rubric; returns advantages (2P,) and judge metrics."""
+        """Judge this process's pairs under the run's rubric; returns their advantages (2 x local
+        pairs,) and judge metrics summed over processes (rates over all pairs)."""
         imgs = batch.images
         res = self.judge.compare(batch.items, imgs[0::2], imgs[1::2])
         rewards = pair_rewards(res.winner, self.s.win_reward, self.s.lose_penalty)
-        m = {"reward_mean": float(rewards.mean()), "tie_rate": float(np.mean(res.winner == 0)),
-             "decisive_rate": float(np.mean(res.winner != 0)),
-             "p_first_mean": float(np.mean(res.p_first))}
+        sums = {"n": float(len(res.winner)), "reward": float(rewards.sum()), "tie": float(np.sum(res.winner == 0)),
+                "p_first": float(np.sum(res.p_first))}
         for name, v in (res.criteria or {}).items():
-            m[f"criteria/{name}"] = float(np.mean(v))
-        for name, n in (res.failures or {}).items():
-            m[f"judge_failures/{name}"] = float(n)
+            sums[f"criteria/{name}"] = float(np.sum(np.mean(v, axis=-1)))
+        for name in union_keys((res.failures or {}).keys()):
+            sums[f"judge_failures/{name}"] = float((res.failures or {}).get(name, 0))
+        tot = sum_over_processes(sums)
+        n = max(tot.pop("n"), 1.0)
+        m = {"reward_mean": tot.pop("reward") / (2 * n), "tie_rate": tot["tie"] / n,
+             "decisive_rate": 1.0 - tot.pop("tie") / n, "p_first_mean": tot.pop("p_first") / n}
+        for k, v in tot.items():
+            m[k] = v / n if k.startswith("criteria/") else v
         return rewards.reshape(-1), m
 
     def _device_batch(self, batch: RolloutBatch, advantages) -> dict:
-        """The update's inputs on device, with the reference pass (LoRA off) of the trained steps."""
+        """The update's inputs on device, with the reference pass (LoRA off) of the trained steps.
+
+        ``advantages``: this process's samples (2 x local pairs,), in the order of ``batch.items``.
+        """
         M, mb = batch.logp_old.shape[0], batch.logp_old.shape[2]
         adv = np.asarray(advantages, np.float32)
-        if adv.shape != (M * mb,):
-            raise ValueError(f"advantages must be ({M * mb},) for this batch, got {adv.shape}")
+        if adv.shape != (M * len(self.rows),):
+            raise ValueError(f"advantages must be ({M * len(self.rows)},) for this batch (this process's "
+                             f"samples), got {adv.shape}")
         t0 = time.perf_counter()
         steps_all = jnp.asarray(self.s.trained_steps())
         dev = {"latents": batch.latents, "logp_old": batch.logp_old,
-               "adv": self._put(jnp.asarray(adv).reshape(M, mb), 1),
+               "adv": self._from_local(adv.reshape(M, len(self.rows)), 1, mb),
                "cond": jax.tree.map(lambda c: self._put(c, 1), batch.cond)}
         refs = [self.programs.ref_pass(self.ref_trainable, self.frozen,
                                        jax.tree.map(lambda c: c[m], dev["cond"]), dev["latents"][m], steps_all)
@@ -409,14 +474,20 @@ class RPOTrainer:
         return out
 
     # --- evaluation helpers ---------------------------------------------------------------
+    def local_indices(self, n: int) -> np.ndarray:
+        """Which of ``n`` (prompt, seed) items `generate` returns on this process (all of them on one)."""
+        mb = self.s.micro_batch
+        idx = np.concatenate([lo + self.rows for lo in range(0, n, mb)])
+        return idx[idx < n]
+
     def generate(self, prompts: Sequence[PromptItem | str], seeds: Sequence[int], *, use_reference: bool = False,
                  sampler: str = "sde", sigmas=None) -> np.ndarray:
-        """One image per (prompt, seed): uint8 (n, H, W, 3).
+        """One image per (prompt, seed): uint8 (len(local_indices(n)), H, W, 3): this process's items.
 
         The noise depends only on the seed, so the current and the reference (LoRA off) policy
         are compared on identical noise. ``sampler``: "sde" (the rollout sampler; its step noise
         also fixed by the first seed of each chunk) or "ode" (deterministic Euler). ``sigmas``
-        (T'+1,) default to the rollout's.
+        (T'+1,) default to the rollout's. Every process must call it with the same arguments.
         """
         items = as_items(prompts)
         if len(items) != len(seeds):
@@ -429,15 +500,18 @@ class RPOTrainer:
         out = []
         for lo in range(0, n, mb):
             its, ss = list(items[lo:lo + mb]), list(seeds[lo:lo + mb])
-            pad = mb - len(its)
-            its, ss = its + [its[-1]] * pad, ss + [ss[-1]] * pad  # keep one compiled shape
-            keys = [jax.random.fold_in(jax.random.key(0), int(s)) for s in ss]
-            x_init = self._put(jnp.stack([jax.random.normal(k, self.latent_shape) for k in keys]), 0)
-            cond = jax.tree.map(lambda c: self._put(c, 0), self._conditioning(its, 1))
+            real = len(its)
+            its, ss = its + [its[-1]] * (mb - real), ss + [ss[-1]] * (mb - real)  # keep one compiled shape
+            mine = self.rows
+            x_local = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(0), int(ss[r])),
+                                                             self.latent_shape)) for r in mine])
+            x_init = self._from_local(x_local, 0, mb)
+            cond = jax.tree.map(lambda c: self._from_local(c, 0, mb), self._conditioning([its[r] for r in mine], 1))
             if sampler == "ode":
                 x0 = self.programs.ode(tr, self.frozen, cond, x_init, sig)
             else:
                 x0 = self.programs.rollout(tr, self.frozen, cond, x_init,
                                            jax.random.fold_in(jax.random.key(1), int(ss[0])), sig).x0
-            out.append(self._host(self._decode(self.policy.decode_params, x0))[:mb - pad])
+            rows, imgs = to_host_local(self._decode(self.policy.decode_params, x0))
+            out.append(imgs[rows < real])
         return np.concatenate(out, axis=0)
