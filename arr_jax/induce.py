@@ -98,7 +98,8 @@ def make_pairs(d) -> Sequence:
 def settings_from(c) -> InductionSettings:
     return InductionSettings(k=c.k, t_max=c.t_max, verify_orders=c.verify_orders, batch_pairs=c.batch_pairs,
                              max_themes=c.max_themes, tips_per_theme=c.tips_per_theme,
-                             structure_retries=c.structure_retries, seed=c.seed)
+                             structure_retries=c.structure_retries, seed=c.seed,
+                             max_failure_fraction=c.get("max_failure_fraction", 0.1))
 
 
 def run(cfg) -> RubricFile:
