@@ -273,3 +273,15 @@ def test_induce_goes_on_past_a_bad_pair_and_retries_it_on_rerun(tmp_path):
 def test_processor_error_names_input_error_kind():
     err = InputError("chat 2: image 2 of 2: aspect ratio must be at most 200", index=2, kind=parsing.BAD_IMAGE)
     assert isinstance(err, ValueError) and err.index == 2 and err.kind == "bad_image"
+
+
+def test_callable_backend_keeps_a_failed_reply():
+    from arr_jax.judge.text_judge import CallableBackend
+
+    def fn(chats):
+        return [parsing.FailedReply("", parsing.TOO_LONG, "chat 0: prompt too long")] + ['{"rank": [2, 1]}'] * (
+            len(chats) - 1)
+
+    prompts, a, b = _pairs(2)
+    out, status = TextJudge(CallableBackend(fn)).compare_with_status(prompts, a, b)
+    assert status == ["too_long", "ok"] and out.winner.tolist() == [0, 2] and out.reasons[0] == "chat 0: prompt too long"

@@ -53,6 +53,8 @@ import re
 from collections import Counter
 from typing import Any, Callable, Iterable
 
+from arr_jax.judge.json_repair import MAX_CHARS, QUOTES, json_objects, loads
+
 OK, REPAIRED, FALLBACK, TIE = "ok", "repaired", "fallback", "tie"
 EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE, INTERNAL = (
     "empty", "no_json", "invalid_json", "missing_field", "bad_value", "internal_error")
@@ -71,11 +73,7 @@ USABLE = (OK, REPAIRED, FALLBACK)
 FAILURES = (EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE, TRUNCATED_REASONING,
             INTERNAL) + REPLY_FAILURES + INPUT_FAILURES + (NON_FINITE,)
 
-_MAX_CHARS = 200_000      # longer outputs are cut (a runaway generation)
-_SCAN_BUDGET = 8          # failed exact parses may read this many times the reply's length
-_MAX_REPAIRS = 32         # failed repair attempts per reply (a '{' each)
-_MAX_DEPTH = 64           # deeper nesting is not a judge answer
-_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
+_MAX_CHARS = MAX_CHARS
 
 
 def count(statuses) -> dict[str, int]:
@@ -150,180 +148,15 @@ def _stop_reason(text: Any, status: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# JSON extraction and repair
-
-def _repair(s: str, i: int = 0) -> tuple[str, list[str], int | None]:
-    """Normalise the JSON-ish object text starting at ``s[i] == '{'``. Returns (text, trims,
-    end): ``trims`` are the text cut at each of the last commas, with the brackets open there
-    closed (to drop a broken tail); ``end`` is the index just past the object's closing brace,
-    or None when the text ends first (a truncated object, closed here)."""
-    out: list[str] = []
-    stack: list[str] = []
-    cuts: list[tuple[int, list[str]]] = []
-    n = len(s)
-    in_str: str | None = None
-    while i < n:
-        c = s[i]
-        if in_str is not None:
-            if c == "\\" and i + 1 < n:
-                nxt = s[i + 1]
-                if in_str == "'" and nxt == "'":
-                    out.append("'")
-                else:
-                    out.append(c + nxt)
-                i += 2
-                continue
-            if c == in_str:
-                out.append('"')
-                in_str = None
-            elif c == '"':  # a double quote inside a single-quoted string
-                out.append('\\"')
-            elif c == "\n":
-                out.append("\\n")
-            elif c in "\r\t":
-                out.append("\\r" if c == "\r" else "\\t")
-            else:
-                out.append(c)
-            i += 1
-            continue
-        if c in "\"'":
-            in_str = c
-            out.append('"')
-        elif c in "{[":
-            if len(stack) >= _MAX_DEPTH:
-                raise ValueError("nesting too deep")
-            stack.append("}" if c == "{" else "]")
-            out.append(c)
-        elif c in "}]":
-            # drop a trailing comma before a closer
-            j = len(out) - 1
-            while j >= 0 and out[j].isspace():
-                j -= 1
-            if j >= 0 and out[j] == ",":
-                del out[j]
-                if cuts and cuts[-1][0] == j:
-                    cuts.pop()
-            if stack and stack[-1] == c:
-                stack.pop()
-                out.append(c)
-                if not stack:
-                    return "".join(out), _trims(out, cuts), i + 1
-            else:
-                raise ValueError("mismatched bracket")
-        elif c == ",":
-            cuts.append((len(out), list(stack)))
-            out.append(c)
-        elif c.isalpha() or c == "_":
-            j = i
-            while j < n and (s[j].isalnum() or s[j] == "_"):
-                j += 1
-            word = s[i:j]
-            k = j
-            while k < n and s[k] in " \t":
-                k += 1
-            if k < n and s[k] == ":" and stack and stack[-1] == "}":
-                out.append(json.dumps(word))          # bare key
-            elif word in ("True", "False", "None"):
-                out.append({"True": "true", "False": "false", "None": "null"}[word])
-            else:
-                out.append(word)
-            i = j
-            continue
-        elif c == "#" or (c == "/" and i + 1 < n and s[i + 1] == "/"):
-            while i < n and s[i] != "\n":  # comment to end of line
-                i += 1
-            continue
-        else:
-            out.append(c)
-        i += 1
-    # truncated: close the open string and brackets
-    if in_str is not None:
-        out.append('"')
-    text = "".join(out).rstrip()
-    while text.endswith((",", ":")):
-        text = text[:-1].rstrip()
-        if text.endswith(":"):
-            text += " null"
-            break
-    return text + "".join(reversed(stack)), _trims(out, cuts), None
-
-
-def _trims(out: list[str], cuts: list[tuple[int, list[str]]]) -> list[str]:
-    return ["".join(out[:i]) + "".join(reversed(st)) for i, st in reversed(cuts[-32:])]
-
-
-def _loads(s: str) -> Any:
-    try:
-        return json.loads(s)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _repaired_object(s: str, start: int) -> tuple[dict | None, int | None]:
-    """The object starting at ``s[start] == '{'`` after repairs: (obj, end) with ``end`` None
-    for a truncated object running to the end of ``s``; (None, None) if it cannot be read."""
-    try:
-        fixed, trims, end = _repair(s, start)
-    except (ValueError, RecursionError):
-        return None, None
-    obj = _loads(fixed)
-    if not isinstance(obj, dict):
-        obj = next((o for o in map(_loads, trims) if isinstance(o, dict)), None)  # drop a broken tail
-    return obj, end
-
-
-_EXACT_START = re.compile(r'\{\s*["}]')   # how an exact JSON object starts
-
-
-def json_objects(region: str) -> tuple[list[dict], dict | None, bool]:
-    """The top-level JSON objects of ``region``, left to right, each exact or repaired:
-    ``(complete objects, truncated, saw_brace)``; ``truncated`` is a (repaired) object that
-    runs to the end of the text, else None. Objects nested in another are not listed."""
-    text = region[:_MAX_CHARS].translate(_QUOTES)
-    found: list[dict] = []
-    truncated, saw, pos, failed = None, False, 0, 0
-    budget = _SCAN_BUDGET * len(text) + 4096  # characters read by failed exact parses
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", text):
-        st = m.start()
-        saw = True
-        if st < pos:
-            continue  # inside an object already read
-        if budget <= 0:
-            break  # a junk reply (say, thousands of nested '{'): bounds the time, answers lie earlier
-        obj = None
-        if _EXACT_START.match(text, st):
-            try:
-                obj, end = decoder.raw_decode(text, st)
-            except json.JSONDecodeError as e:
-                budget -= e.pos - st + 1
-            except (ValueError, RecursionError):
-                budget -= len(text) - st
-        if isinstance(obj, dict):
-            found.append(obj)
-            pos = end
-            continue
-        if failed >= _MAX_REPAIRS:
-            continue
-        obj, end = _repaired_object(text, st)
-        if obj is None:
-            failed += 1
-        elif end is None:
-            truncated = obj
-            break  # every later '{' lies inside it
-        else:
-            found.append(obj)
-            pos = end
-    return found, truncated, saw
-
+# The answer object
 
 def _extract(region: str, keys: Iterable[str] = ()) -> tuple[dict | None, str]:
     """The answer object of an answer region: the last complete object holding one of ``keys``,
     else a truncated one holding one, else the last complete one, else the truncated one."""
     if not region.strip():
         return None, EMPTY
-    stripped = region.strip().translate(_QUOTES)
-    direct = _loads(stripped) if stripped.startswith("{") else None
+    stripped = region.strip().translate(QUOTES)
+    direct = loads(stripped) if stripped.startswith("{") else None
     if isinstance(direct, dict):
         return direct, OK
     found, truncated, saw = json_objects(region)
@@ -405,7 +238,7 @@ _BETTER_RE = re.compile(
 
 def _pair_from_ranks(r: Any) -> tuple[int, str]:
     if isinstance(r, str):
-        inner = _loads(r) if r.strip().startswith("[") else None
+        inner = loads(r) if r.strip().startswith("[") else None
         r = inner if isinstance(inner, list) else r
     if not isinstance(r, list) or len(r) != 2:  # {"rank": 2} is ambiguous: refuse it
         return (0, BAD_VALUE)

@@ -129,7 +129,7 @@ class CallableBackend:
             got = list(self.fn(chats[i:i + step]))
             if len(got) != len(chats[i:i + step]):
                 raise ValueError(f"backend {self.name} returned {len(got)} texts for {len(chats[i:i + step])} requests")
-            out += [str(t) for t in got]
+            out += [t if isinstance(t, str) else str(t) for t in got]  # a FailedReply keeps its status
         return out
 
 
