@@ -118,7 +118,8 @@ def run(cfg) -> RubricFile:
                 progress=cfg.get("progress", True))
     p = rf.provenance["pairs"]
     print(f"ARR induction: {p['total']} pairs -> first pass {p['first_pass']} ({100 * p['first_pass_rate']:.1f}%), "
-          f"refined {p['refined']}, discarded {p['discarded']} ({100 * p['discard_rate']:.1f}%); "
+          f"refined {p['refined']}, discarded {p['discarded']} ({100 * p['discard_rate']:.1f}%), "
+          f"failed {p['failed']}{' ' + str(p['failures']) if p['failed'] else ''}; "
           f"{len(rf.themes)} themes, structure {rf.provenance['structure_status']}; "
           f"{time.perf_counter() - t0:.1f}s")
     print(f"rubric file: {cfg.workdir}/rubric.txt (+ rubric.json)\n")

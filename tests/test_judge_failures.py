@@ -285,3 +285,18 @@ def test_callable_backend_keeps_a_failed_reply():
     prompts, a, b = _pairs(2)
     out, status = TextJudge(CallableBackend(fn)).compare_with_status(prompts, a, b)
     assert status == ["too_long", "ok"] and out.winner.tolist() == [0, 2] and out.reasons[0] == "chat 0: prompt too long"
+
+
+def test_p_first_backend_raising_for_one_request():
+    class Picky(FixedScores):
+        def p_first(self, requests):
+            for i, r in enumerate(requests):
+                if r.meta["index"] == 1:
+                    raise InputError(f"chat {i}: image 1 of 2: cannot identify image", index=i, kind="bad_image")
+            return super().p_first(requests)
+
+    prompts, a, b = _pairs(3)
+    out, status = TextJudge(Picky([(-1.0, -2.0)] * 3), choice_scores=True).compare_with_status(prompts, a, b)
+    assert status == ["ok", "bad_image", "ok"] and out.winner.tolist() == [1, 0, 1]
+    assert out.failures == {"bad_image": 1} and out.p_first[1] == 0.5
+    assert out.reasons[1] == "request 1 (pairwise, index=1): chat 0: image 1 of 2: cannot identify image"
