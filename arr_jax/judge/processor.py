@@ -277,8 +277,9 @@ class Qwen3VLProcessor:
         seqs, pats, grids = [], [], []
         for i, (messages, images) in enumerate(chats):
             name = names[i] if names is not None else f"chat {i}"
+            text = self.format_chat(messages, add_generation_prompt) + assistant_prefix  # its errors: no one chat's
             try:
-                ids, p, g = self.encode(self.format_chat(messages, add_generation_prompt) + assistant_prefix, images)
+                ids, p, g = self.encode(text, images)
             except ImageDecodeError as e:
                 raise InputError(f"{name}: {e}", index=i, kind=parsing.BAD_IMAGE) from None
             except ValueError as e:
