@@ -56,6 +56,7 @@ def run(cfg) -> dict:
             raise ValueError(f"bad config value conditions: {cond!r} (expected 'direct' and/or 'rubric')")
     report = evaluate(judge, pairs, rubrics, out_dir=cfg.workdir, batch_size=cfg.batch_size,
                       progress=cfg.get("progress", True), title=cfg.get("title", ""),
+                      max_failure_fraction=cfg.get("max_failure_fraction", 0.1),
                       extra={"rubric": rubric_info, "config": cfg.to_dict(),
                              "backend": backend_identity(cfg.backend)})
     print(f"judge {report['judge']} on {len(pairs)} pairs ({time.perf_counter() - t0:.1f}s); accuracy in %:")
@@ -65,6 +66,10 @@ def run(cfg) -> dict:
               f"delta {100 * m['delta']:+.1f}  sym-agree {100 * m['sym_agree']:.1f} "
               f"(ties {100 * m['sym_agree_tie']:.1f})  parse-fail {100 * m['parse_fail_fwd']:.1f}/"
               f"{100 * m['parse_fail_rev']:.1f}")
+    fp = report["failed_pairs"]
+    if fp["failed"]:
+        print(f"  {fp['failed']} of {fp['items']} judged pairs failed and count as ties ({fp['kinds']}); "
+              f"first: {fp['first'][0]}")
     print(f"report: {cfg.workdir}/report.md, report.json, accuracy.png")
     return report
 

@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rubric = "runs/arr_world/rubric.txt"
     c.conditions = ("direct", "rubric")
     c.batch_size = 64
+    c.max_failure_fraction = 0.1   # pairs that fail (unreadable, rejected, no answer) before the run stops
     if arg == "tiny":
         c.workdir = "runs/arr_world_eval_tiny"
         c.data.n_pairs = 100

@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         verify_orders="both",  # "both" | "random" | "given" (see arr_jax.arr.induction)
         batch_pairs=16,
         max_themes=5, tips_per_theme=4, structure_retries=2, seed=0,
+        max_failure_fraction=0.1,  # pairs that fail (unreadable, rejected, no answer) before the run stops
         guide="",              # few-shot exemplars JSONL ("with guide" mode); "" = zero-shot
         templates_dir="",      # a folder of prompt templates overriding arr_jax/judge/prompts
     ))

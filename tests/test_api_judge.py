@@ -19,7 +19,8 @@ from arr_jax.judge.text_judge import CallableBackend, TextJudge
 
 
 class FakeServer:
-    """A chat-completions server. ``behave(body, attempt) -> (status, answer_text, delay_s)``;
+    """A chat-completions server. ``behave(body, attempt) -> (status, answer, delay_s)``: the
+    answer is the reply's text, or a dict of the message's fields plus ``finish_reason``;
     ``attempt`` counts earlier requests with the same last user text."""
 
     def __init__(self, behave):
@@ -53,9 +54,14 @@ class FakeServer:
                     with server.lock:
                         server.in_flight -= 1
                         counted = False
-                    payload = ({"id": "x", "object": "chat.completion",
-                                "choices": [{"index": 0, "finish_reason": "stop",
-                                             "message": {"role": "assistant", "content": text}}]}
+                    if isinstance(text, dict):  # a whole reply: content, finish_reason, reasoning_content, ...
+                        reply = dict(text)
+                        finish = reply.pop("finish_reason", "stop")
+                        choice = {"index": 0, "finish_reason": finish, "message": {"role": "assistant", **reply}}
+                    else:
+                        choice = {"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": text}}
+                    payload = ({"id": "x", "object": "chat.completion", "choices": [choice]}
                                if status == 200 else {"error": {"message": text}})
                     data = json.dumps(payload).encode()
                     self.send_response(status)
@@ -244,3 +250,96 @@ def test_callable_backend_feeds_a_vlm_style_fn():
     assert len(images) == 2 and np.array_equal(images[0], a[0])
     scores, st = TextJudge(CallableBackend(fn), mode="pointwise").score(prompts, a)
     assert scores.tolist() == [4.0, 4.0] and st == ["ok", "ok"]
+
+
+def _pick(body) -> int:
+    return int(re.search(r"prompt (\d+)", body["messages"][1]["content"][0]["text"]).group(1))
+
+
+BAD_REPLIES = [  # (reply, status): none of them is an answer
+    ({"content": None, "reasoning_content": "Image 2 looks better so far, but", "finish_reason": "length"},
+     "truncated"),                                  # vLLM: cut off mid-thought
+    ({"content": '{"rank": [2, 1], "reason": "the lef', "finish_reason": "length"}, "truncated"),
+    ({"content": None, "refusal": "I can't help with that."}, "refused"),
+    ({"content": "", "finish_reason": "content_filter"}, "refused"),
+    ({"content": None, "reasoning_content": "Image 1 has three circles."}, "reasoning_only"),
+    ("", "empty"),
+    ({"content": "  \n"}, "empty"),
+]
+
+
+def test_replies_are_checked_before_caching(tmp_path):
+    """A reply that is no answer is counted under its own status, never cached: a rerun asks the
+    server again; a good reply is cached and a rerun does not ask again."""
+    good = '{"rank": [1, 2], "reason": "ok"}'
+    fixed = {"on": False}
+
+    def answer(body, attempt):
+        i = _pick(body)
+        if i == len(BAD_REPLIES) or fixed["on"]:
+            return 200, good, 0.0
+        return 200, BAD_REPLIES[i][0], 0.0
+
+    prompts, a, b = _pairs(len(BAD_REPLIES) + 1)
+    cache = tmp_path / "cache"
+    with FakeServer(answer) as srv:
+        be = _backend(srv, cache_dir=cache, concurrency=3)
+        out, statuses = TextJudge(be).compare_with_status(prompts, a, b)
+        assert statuses == [s for _, s in BAD_REPLIES] + ["ok"]
+        assert out.winner.tolist() == [0] * len(BAD_REPLIES) + [1]
+        assert out.p_first.tolist() == [0.5] * len(BAD_REPLIES) + [1.0]
+        assert out.failures == {"truncated": 2, "refused": 2, "reasoning_only": 1, "empty": 2}
+        assert {k: be.stats.get(k) for k in out.failures} == out.failures
+        assert not out.valid[:-1].any() and out.valid[-1]
+        assert "request 0 (pairwise, index=0)" in out.reasons[0] and "'length'" in out.reasons[0]
+        assert "I can't help with that." in out.reasons[2]
+        assert srv.hits == len(BAD_REPLIES) + 1
+        assert len(list(cache.rglob("*.json"))) == 1        # only the answer was kept
+
+        again = _backend(srv, cache_dir=cache)               # a rerun: only the failures are asked again
+        out2 = TextJudge(again).compare(prompts, a, b)
+        assert srv.hits == 2 * len(BAD_REPLIES) + 1
+        assert again.stats["cache_hits"] == 1 and again.stats["http_calls"] == len(BAD_REPLIES)
+        assert out2.failures == out.failures
+
+        fixed["on"] = True                                   # the server answers now: all cached
+        out3 = TextJudge(_backend(srv, cache_dir=cache)).compare(prompts, a, b)
+        assert out3.winner.tolist() == [1] * (len(BAD_REPLIES) + 1) and out3.failures == {}
+        hits = srv.hits
+        last = _backend(srv, cache_dir=cache)
+        TextJudge(last).compare(prompts, a, b)
+        assert srv.hits == hits and last.stats["cache_hits"] == len(BAD_REPLIES) + 1
+
+
+def test_a_cache_written_before_checking_is_asked_again(tmp_path):
+    prompts, a, b = _pairs(1)
+    with FakeServer(lambda body, attempt: (200, '{"rank": [2, 1]}', 0.0)) as srv:
+        be = _backend(srv, cache_dir=tmp_path)
+        req = TextJudge(be).pair_requests(prompts, a, b)[0]
+        key = be.request_hash(be.payload(req))
+        poisoned = {"choices": [{"finish_reason": "length", "message": {"content": None,
+                                                                       "reasoning_content": "Image 1 is"}}]}
+        be._cache_put(key, "", poisoned)                     # what older versions stored
+        assert TextJudge(be).compare(prompts, a, b).winner.tolist() == [2]
+        assert srv.hits == 1 and be.stats["cache_hits"] == 0
+        assert TextJudge(_backend(srv, cache_dir=tmp_path)).compare(prompts, a, b).winner.tolist() == [2]
+        assert srv.hits == 1                                 # the good answer replaced it
+
+
+def test_one_bad_request_does_not_stop_the_batch():
+    """A request the server rejects (HTTP 400) and an image that cannot be encoded fail alone,
+    named; the other pairs are judged."""
+    def answer(body, attempt):
+        return (400, "Invalid image: too large", 0.0) if _pick(body) == 1 else (200, '{"rank": [2, 1]}', 0.0)
+
+    prompts, a, b = _pairs(4)
+    b = list(b)
+    b[3] = np.zeros((8, 8, 5), np.uint8)                     # no image has 5 channels
+    with FakeServer(answer) as srv:
+        be = _backend(srv, concurrency=2)
+        out, statuses = TextJudge(be).compare_with_status(prompts, a, b)
+    assert statuses == ["ok", "rejected", "ok", "bad_image"]
+    assert out.winner.tolist() == [2, 0, 2, 0] and out.failures == {"rejected": 1, "bad_image": 1}
+    assert "request 1 (pairwise, index=1)" in out.reasons[1] and "Invalid image: too large" in out.reasons[1]
+    assert out.reasons[3].startswith("request 3 (pairwise, index=3): ") and "5" in out.reasons[3]
+    assert srv.hits == 3 and be.stats["rejected"] == 1 and be.stats["bad_image"] == 1

@@ -176,3 +176,105 @@ def test_fuzz_never_raises_and_classifies_everything():
     for status in (P.OK, P.REPAIRED, P.TIE, P.EMPTY, P.NO_JSON, P.INVALID_JSON, P.MISSING_FIELD, P.BAD_VALUE):
         assert total[status] > 0, (status, dict(total))
     assert seen["pairwise"][P.FALLBACK] + seen["pointwise"][P.FALLBACK] + seen["themes"][P.FALLBACK] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reasoning-model replies: only the answer region counts, and its LAST JSON object
+
+REASONING_CASES = [  # (text, winner, status)
+    ('<think>draft: {"rank": [2, 1]}</think>{"rank": [1, 2]}', 1, P.OK),
+    ('draft: {"rank": [2, 1]}</think>{"rank": [1, 2]}', 1, P.OK),            # <think> was in the template
+    ("<think>Image 2 looks better so far", 0, P.TRUNCATED_REASONING),          # cut off mid-thought
+    ('<think>{"rank": [2, 1]} is my draft', 0, P.TRUNCATED_REASONING),
+    ("<think>...</think><answer>Image 1 is better</answer>", 1, P.FALLBACK),
+    ('<think>Image 2?</think>\n<answer>{"rank": [1, 2]}</answer>', 1, P.OK),   # the region is exact JSON
+    ('<answer>{"rank": [2, 1]}', 2, P.OK),                                    # unclosed answer tag
+    ('<answer>I pick {"rank": [2, 1]}', 2, P.REPAIRED),
+    ('<think>hmm</think>', 0, P.EMPTY),                                       # reasoning, no answer
+    ("<think>a</think>  <answer> </answer>", 0, P.EMPTY),
+    ('<think>a <think>b</think> Image 2 wins</think>{"rank": [1, 2]}', 1, P.OK),  # nested
+    ('<think>a <think>b</think> {"rank": [1, 2]}', 0, P.TRUNCATED_REASONING),  # the outer one never closes
+    ('<THINK>x</Think>{"rank": [2, 1]}', 2, P.OK),
+    ('<thinking>{"rank": [1, 2]}</thinking>{"rank": [2, 1]}', 2, P.OK),
+    ('{"rank": [2, 1]} on reflection: {"rank": [1, 2]}', 1, P.REPAIRED),       # several objects: the last
+    ('My first guess was {"rank": [2, 1]}.\nFinal answer:\n```json\n{"rank": [1, 2], "reason": "r"}\n```', 1,
+     P.REPAIRED),
+    ('{"rank": [2, 1], "reason": "sharp"} I hope {} helps', 2, P.REPAIRED),   # a later object without the key
+    ('{"rank": [1, 2], "meta": {"rank": [2, 1]}}', 1, P.OK),                  # nested objects are not answers
+    ("{'rank': [1, 2], 'meta': {\"a\": 1}}", 1, P.REPAIRED),                  # exact inner, repaired outer
+    ('{"rank": [2, 1]} then {"rank": [1, 2], "reason": "cut', 2, P.REPAIRED),  # complete beats truncated
+    ('{"rank": [Infinity, 1]}', 0, P.BAD_VALUE),
+    ('{"rank": [NaN, 1]}', 0, P.BAD_VALUE),
+]
+
+
+@pytest.mark.parametrize("text,winner,status", REASONING_CASES)
+def test_reasoning_replies(text, winner, status):
+    a = P.parse_pairwise(text)
+    assert (a.winner, a.status) == (winner, status), a
+
+
+def test_answer_region_for_every_parser():
+    think = "<think>Draft: {\"score\": 1} {\"ranks\": [3, 2, 1]} {\"rubrics\": [\"draft\"]} Theme 1: Draft\n- d</think>"
+    assert P.parse_pointwise(think + '{"score": 4}').score == 4
+    assert P.parse_pointwise(think + "<answer>Score: 5</answer>").score == 5
+    assert P.parse_pointwise('{"score": NaN}').status == P.BAD_VALUE
+    assert P.parse_pointwise('{"score": Infinity}').status == P.BAD_VALUE
+    assert P.parse_listwise(think + '{"ranks": [1, 2, 3]}', 3).ranks == [1, 2, 3]
+    r = P.parse_rubrics(think + '{"rubrics": ["A", "B"]}')
+    assert r.rubrics == ["A", "B"] and r.status == P.OK
+    r = P.parse_rubrics('{"rubrics": [{"criterion": "A"}, {"criterion": "B"},]}')   # nested objects + trailing comma
+    assert r.rubrics == ["A", "B"] and r.status == P.REPAIRED
+    r = P.parse_rubrics('{"rubrics": [{"criterion": "A"}, {"criterion": "B"}, {"crit')  # truncated
+    assert r.rubrics == ["A", "B"] and r.status == P.REPAIRED
+    t = P.parse_themes(think + "Theme 1: Alignment\n- every object present")
+    assert t.themes == [("Alignment", ["every object present"])] and t.status == P.FALLBACK
+    for parse in (P.parse_pairwise, P.parse_pointwise, lambda x: P.parse_listwise(x, 3), P.parse_rubrics,
+                  P.parse_themes):
+        assert parse("<think>Theme 1: A\n- tip\nScore: 4 {\"rank\": [1, 2]}").status == P.TRUNCATED_REASONING
+        failed = parse(P.FailedReply("{\"rank\": [1, 2]}", P.TRUNCATED, "request 3: finish_reason 'length'"))
+        assert failed.status == P.TRUNCATED        # a failed reply is never read, whatever its text
+
+
+def _reasoning_reply(rng, final: int) -> tuple[str, int, str]:
+    """A reasoning-model-shaped reply whose answer names ``final``: (text, winner, status) with
+    the expected outcome. Drafts in the reasoning name the other image."""
+    other = 3 - final
+    rank = lambda w: json.dumps({"rank": [1, 2] if w == 1 else [2, 1], "reason": "r"})  # noqa: E731
+    draft = rng.choice([f"Image {other} is better", rank(other), f"```json\n{rank(other)}\n```",
+                        f"Maybe {rank(other)}, or {rank(final)}? Let me look again.", "{", "thinking..."])
+    opener = rng.choice(["<think>", "<think>\n", ""])       # "" = the opening tag was in the template
+    nested = rng.random() < 0.2
+    think = opener + draft + ("<think>inner</think> more" if nested and opener else "")
+    if rng.random() < 0.15:                                 # cut off mid-thought
+        return (opener or "<think>") + draft, 0, P.TRUNCATED_REASONING
+    style = rng.randrange(6)
+    if style == 0:
+        answer, status = rank(final), P.OK
+    elif style == 1:
+        answer, status = f"<answer>{rank(final)}</answer>", P.OK
+    elif style == 2:
+        answer, status = f"Looking closely.\n```json\n{rank(final)}\n```\nDone.", P.REPAIRED
+    elif style == 3:
+        answer, status = f"First {rank(other)} but on reflection {rank(final)}", P.REPAIRED
+    elif style == 4:
+        answer, status = f"<answer>Image {final} is better</answer>", P.FALLBACK
+    else:
+        answer, status = f"{rank(final)[:-12]}", P.REPAIRED  # a truncated answer (the rank survives)
+    return f"{think}</think>{rng.choice(['', chr(10), chr(10) * 2])}{answer}", final, status
+
+
+def test_reasoning_shapes_fuzz():
+    """Generated reasoning-model replies give exactly the expected answer; mutated ones never
+    raise and are always classified."""
+    rng = random.Random(99)
+    seen = Counter()
+    for i in range(3000):
+        text, winner, status = _reasoning_reply(rng, 1 + i % 2)
+        a = P.parse_pairwise(text)
+        assert (a.winner, a.status) == (winner, status), (text, a)
+        seen[a.status] += 1
+        mutated = _mutate(text, rng)
+        for kind in ("pairwise", "pointwise", "listwise", "rubrics", "themes"):
+            assert _check(kind, mutated) in P.STATUSES
+    assert {P.OK, P.REPAIRED, P.FALLBACK, P.TRUNCATED_REASONING} <= set(seen), seen

@@ -1,6 +1,7 @@
-"""Bad inputs to the Qwen3-VL judge: prompts past the context and undecodable images give clear
-errors (naming the lengths and the limit, or the request) in the processor, the decoder
-(generate and score_choices), the Flax backend and a TextJudge over it — before any compute."""
+"""Bad inputs to the Qwen3-VL judge: prompts past the context and undecodable or unusable images
+give clear errors (naming the lengths and the limit, or the request) in the processor and the
+decoder (generate and score_choices) before any compute; the Flax backend and a TextJudge over
+it leave the bad request out of its batch, counted under its own kind, and judge the others."""
 from __future__ import annotations
 
 import numpy as np
@@ -64,8 +65,15 @@ def test_processor_names_the_long_chat():
     assert proc([short_chat], max_length=64, seq_bucket=None)["input_ids"].shape[1] <= 64
 
 
-def test_backend_and_judge_reject_long_prompts_and_bad_images():
-    from arr_jax.judge.processor import ImageDecodeError
+def test_one_bad_request_fails_alone_and_named():
+    """A prompt past the context, an undecodable image, or a 4x1000 strip (aspect ratio 250, over
+    the processor's 200) in one request of a batch: that request fails alone under its own kind,
+    named with its length and the limit (or its image); the others are judged exactly as they
+    are without it, in generate, p_first and a TextJudge over both."""
+    import re
+
+    from arr_jax.judge import parsing
+    from arr_jax.judge.processor import InputError
     from arr_jax.judge.text_judge import TextJudge
 
     b = backend()
@@ -74,24 +82,41 @@ def test_backend_and_judge_reject_long_prompts_and_bad_images():
     long_prompts = list(prompts)
     long_prompts[1] = "a red square " * 1000
     reqs = judge.pair_requests(long_prompts, i1, i2)
+    good = [judge.pair_requests(prompts, i1, i2)[k] for k in (0, 2)]
     room = rf"more than the limit of {MAX_POS - NEW} \({MAX_POS}, {LIMIT_NOTE}, minus {NEW} token\(s\)"
-    with pytest.raises(ValueError, match=r"prompt too long: request 1 \(pairwise\) is \d+ tokens \(8 of them image "
-                                         r"tokens, 2 images\), " + room):
-        b.generate(reqs)
-    with pytest.raises(ValueError, match=rf"request 1 \(pairwise\) .* more than the limit of {MAX_POS - 1} "):
-        b.p_first(reqs)
-    calls = dict(b.calls)
-    with pytest.raises(ValueError, match="prompt too long: request 1"):
-        judge.compare(long_prompts, i1, i2)          # an input error, not a parse failure
-    with pytest.raises(ValueError, match="prompt too long"):
-        TextJudge(b, choice_scores=True, symmetrize="agree").compare(long_prompts, i1, i2)
-    assert dict(b.calls) == calls                    # nothing ran
+    out = b.generate(reqs)
+    assert isinstance(out[1], parsing.FailedReply) and out[1].status == parsing.TOO_LONG
+    assert re.search(r"prompt too long: request 1 \(pairwise, index=1\) is \d+ tokens \(8 of them image tokens, "
+                     r"2 images\), " + room, out[1].reason), out[1].reason
+    assert [out[0], out[2]] == b.generate(good)               # greedy answers as without it
+    p, status, notes = b.p_first_status(reqs)
+    assert status == [None, parsing.TOO_LONG, None] and np.isnan(p[1])
+    assert re.search(rf"request 1 \(pairwise, index=1\) .* more than the limit of {MAX_POS - 1} ", notes[1])
+    np.testing.assert_allclose(p[[0, 2]], b.p_first(good), atol=1e-6)
+    np.testing.assert_array_equal(np.isnan(b.p_first(reqs)), [False, True, False])
 
-    bad = list(i2)
-    bad[2] = np.zeros((32, 32, 5), np.uint8)         # not an image PIL can make
-    with pytest.raises(ImageDecodeError, match=r"request 2 \(pairwise\): could not decode ndarray input"):
-        judge.compare(prompts, i1, bad)
-    bad[2] = np.zeros((32, 32, 3), np.int64)          # float in [0, 1] is an image; int64 is not
-    with pytest.raises(ImageDecodeError, match=r"request 2 \(pairwise\): could not decode ndarray input int64 .*"
-                                              r"image arrays must be uint8"):
-        judge.compare(prompts, i1, bad)
+    res, st = judge.compare_with_status(long_prompts, i1, i2)   # (the random model's answers are junk)
+    assert st[1] == parsing.TOO_LONG and parsing.TOO_LONG not in (st[0], st[2])
+    assert res.failures.get(parsing.TOO_LONG) == 1 and res.winner[1] == 0 and res.p_first[1] == 0.5
+    assert not res.valid[1] and "request 1 (pairwise, index=1)" in res.reasons[1]
+    fast = TextJudge(b, choice_scores=True, symmetrize="agree").compare(long_prompts, i1, i2)
+    assert fast.failures == {parsing.TOO_LONG: 2} and fast.valid.tolist() == [True, False, True]
+    assert fast.p_first[1] == 0.5 and np.all(np.isfinite(fast.p_first))
+
+    fast = TextJudge(b, choice_scores=True)
+    ref = fast.compare(prompts, i1, i2)
+    for img, kind, what in [(np.zeros((32, 32, 5), np.uint8), parsing.BAD_IMAGE, "image 2 of 2: "),
+                            (np.zeros((4, 1000, 3), np.uint8), parsing.BAD_IMAGE,
+                             r"image 2 of 2: aspect ratio must be at most 200, got 250\.0 \(4x1000 pixels\)")]:
+        bad = list(i2)
+        bad[2] = img
+        for j in (judge, fast):
+            res, st = j.compare_with_status(prompts, i1, bad)
+            assert st[2] == kind and kind not in st[:2] and res.failures.get(kind) == 1 and not res.valid[2], st
+            assert re.search(r"request 2 \(pairwise, index=2\): " + what, res.reasons[2]), res.reasons[2]
+        np.testing.assert_allclose(res.p_first[:2], ref.p_first[:2], atol=1e-6)
+    # the processor itself names the chat and says which one, for a caller to leave it out
+    chats = [r.to_chat() for r in judge.pair_requests(prompts, i1, bad)]
+    with pytest.raises(InputError, match=r"chat 2: image 2 of 2: aspect ratio must be at most 200") as e:
+        b.processor(chats)
+    assert e.value.index == 2 and e.value.kind == parsing.BAD_IMAGE

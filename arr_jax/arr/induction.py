@@ -10,6 +10,14 @@ passes at round 0 (first pass), after r <= T_max refinements (refined), or is di
 Every finished pair is appended to ``<workdir>/journal.jsonl`` at once; a rerun with the same
 configuration skips journaled pairs (no repeated backend calls) and a different configuration
 is refused. Backend calls are batched across the pairs of a chunk (``batch_pairs``).
+
+One bad pair never stops the run: a pair that cannot be read, or one of whose requests the
+backend cannot process (an image it cannot decode or use, a prompt past the context, a request
+the server rejects: `parsing.INPUT_FAILURES`), is journaled as "failed" with the error naming
+it (kind and message), left out of the rubric, counted in the provenance, and tried again by a
+rerun; the rest of its chunk goes on. More than ``max_failure_fraction`` failed pairs (once 20
+pairs are done, and at the end) stop the run with `arr_jax.judge.base.TooManyFailuresError`.
+A pair whose answers never parse is "discarded", the method's own outcome, not a failure.
 """
 from __future__ import annotations
 
@@ -29,8 +37,9 @@ from tqdm import tqdm
 from arr_jax.arr.rubric_file import RubricFile, Theme
 from arr_jax.data.preference_tfds import PreferencePair
 from arr_jax.judge import parsing
+from arr_jax.judge.base import FailureBudget
 from arr_jax.judge.templates import TemplateSet
-from arr_jax.judge.text_judge import TextBackend, pair_request
+from arr_jax.judge.text_judge import TextBackend, generate_isolated, pair_request
 
 JOURNAL_FORMAT = "arr-induction/1"
 ORDERS = ("both", "random", "given")
@@ -41,7 +50,9 @@ class InductionSettings:
     """k: rubrics per pair; t_max: refinement rounds before a pair is discarded; verify_orders:
     see module docstring; batch_pairs: pairs per batched backend call (does not change results);
     max_themes / tips_per_theme: the structured protocol's size; structure_retries: extra
-    structuring attempts on an unusable answer; seed: for "random" verification orders."""
+    structuring attempts on an unusable answer; seed: for "random" verification orders;
+    max_failure_fraction: the fraction of failed pairs (module docstring) that stops the run
+    (does not change results)."""
 
     k: int = 5
     t_max: int = 5
@@ -51,6 +62,7 @@ class InductionSettings:
     tips_per_theme: int = 4
     structure_retries: int = 2
     seed: int = 0
+    max_failure_fraction: float = 0.1
 
     def validate(self) -> None:
         if self.k < 1 or self.t_max < 0 or self.batch_pairs < 1 or self.max_themes < 1 or self.tips_per_theme < 1:
@@ -58,6 +70,8 @@ class InductionSettings:
                              "must be >= 1 and t_max >= 0")
         if self.verify_orders not in ORDERS:
             raise ValueError(f"verify_orders {self.verify_orders!r} not in {ORDERS}")
+        if not 0.0 <= self.max_failure_fraction <= 1.0:
+            raise ValueError(f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
 
 
 @dataclasses.dataclass
@@ -140,6 +154,7 @@ def config_hash(settings: InductionSettings, backend_name: str, templates: Templ
     """What makes two runs interchangeable (batching and progress display excluded)."""
     s = dataclasses.asdict(settings)
     s.pop("batch_pairs")
+    s.pop("max_failure_fraction")
     blob = json.dumps({"settings": s, "backend": backend_name, "templates": templates.digest(),
                        "guide": hashlib.sha256(guide_text.encode()).hexdigest(),
                        "pairs": hashlib.sha256("\0".join(pair_ids).encode()).hexdigest(), "extra": extra},
@@ -155,6 +170,12 @@ class _PairState:
         self.history: list[dict] = []
         self.calls = Counter()
         self.statuses = Counter()
+        self.error: tuple[str, str] | None = None   # (kind, message) of a request that could not be answered
+
+    def check(self, text: str) -> None:
+        """Note an input failure (the pair cannot go on)."""
+        if isinstance(text, parsing.FailedReply) and text.status in parsing.INPUT_FAILURES and self.error is None:
+            self.error = (text.status, text.reason or f"pair {self.pair.id}: {text.status}")
 
 
 class Inducer:
@@ -201,9 +222,10 @@ class Inducer:
                          verifier_answer=answers[p.id], round=rnd)
                 reqs.append(pair_request(self.t, "refine", p.prompt, p.image1, p.image2, p.source, f,
                                          {"pair_id": p.id, "round": rnd}))
-        texts = self.backend.generate(reqs)
+        texts = generate_isolated(self.backend, reqs)
         task = "generate" if rnd == 0 else "refine"
         for st, text in zip(states, texts):
+            st.check(text)
             a = parsing.parse_rubrics(text, self.s.k)
             st.calls[task] += 1
             st.statuses[f"{task}:{a.status}"] += 1
@@ -215,9 +237,10 @@ class Inducer:
 
     def _verify(self, states: list[_PairState], rnd: int) -> tuple[list[bool], dict[str, str]]:
         jobs = [(st, sw, req) for st in states if st.rubrics for sw, req in self._verify_requests(st, rnd)]
-        texts = self.backend.generate([req for _, _, req in jobs])
+        texts = generate_isolated(self.backend, [req for _, _, req in jobs])
         per: dict[str, list] = {st.pair.id: [] for st in states}
         for (st, sw, _), text in zip(jobs, texts):
+            st.check(text)
             a = parsing.parse_pairwise(text)
             st.calls["verify"] += 1
             st.statuses[f"verify:{a.status}"] += 1
@@ -249,21 +272,37 @@ class Inducer:
                 lines.append(f"{head} chose{shown} Image {x['pick']}. Its reason{note}: {x['reason']}")
         return "\n".join(lines)
 
+    @staticmethod
+    def _record(st: _PairState, status: str, rnd: int, rubrics: list[str]) -> dict:
+        p = st.pair
+        rec = {"pair_id": p.id, "status": status, "refinements": rnd, "rubrics": rubrics, "prompt": p.prompt,
+               "category": p.category, "edit": p.source is not None, "calls": dict(st.calls),
+               "statuses": dict(st.statuses), "history": st.history}
+        if st.error is not None:
+            rec["kind"], rec["error"] = st.error
+        return rec
+
     def run_chunk(self, pairs: Sequence[PreferencePair], on_done) -> None:
-        """Induce rubrics for ``pairs``; ``on_done(record)`` is called as each pair finishes."""
+        """Induce rubrics for ``pairs``; ``on_done(record)`` is called as each pair finishes
+        (status "first_pass", "refined", "discarded", or "failed" with its ``kind`` and ``error``)."""
         states = [_PairState(p) for p in pairs]
         active, answers = states, {}
         for rnd in range(self.s.t_max + 1):
             self._generate(active, rnd, answers)
+            for st in active:
+                if st.error is not None:
+                    on_done(self._record(st, "failed", rnd, []))
+            active = [st for st in active if st.error is None]
+            if not active:
+                return
             passed, answers = self._verify(active, rnd)
             still = []
             for st, ok in zip(active, passed):
-                if ok or rnd == self.s.t_max:
+                if st.error is not None:
+                    on_done(self._record(st, "failed", rnd, []))
+                elif ok or rnd == self.s.t_max:
                     status = ("first_pass" if rnd == 0 else "refined") if ok else "discarded"
-                    on_done({"pair_id": st.pair.id, "status": status, "refinements": rnd,
-                             "rubrics": st.rubrics if ok else [], "prompt": st.pair.prompt,
-                             "category": st.pair.category, "edit": st.pair.source is not None,
-                             "calls": dict(st.calls), "statuses": dict(st.statuses), "history": st.history})
+                    on_done(self._record(st, status, rnd, st.rubrics if ok else []))
                 else:
                     still.append(st)
             active = still
@@ -282,7 +321,8 @@ class Inducer:
         statuses = Counter()
         for attempt in range(self.s.structure_retries + 1):
             req = self.t.fill("structure", f, meta={"attempt": attempt}, sample=attempt)
-            a = parsing.parse_themes(self.backend.generate([req])[0], self.s.max_themes, self.s.tips_per_theme)
+            a = parsing.parse_themes(generate_isolated(self.backend, [req])[0], self.s.max_themes,
+                                     self.s.tips_per_theme)
             statuses[f"structure:{a.status}"] += 1
             if a.themes:
                 return [Theme(n, tips) for n, tips in a.themes], a.status, statuses
@@ -309,25 +349,41 @@ def induce(pairs: Sequence[PreferencePair], backend: TextBackend, workdir: str |
     journal = Journal(work / "journal.jsonl", chash)
     done = journal.load()
     inducer = Inducer(backend, s, t, guide_text)
-    todo = [i for i, pid in enumerate(ids) if pid not in done]
+    todo = [i for i, pid in enumerate(ids) if pid not in done or done[pid]["status"] == "failed"]
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="ARR induction", unit="pair",
                disable=not progress)
+    budget = FailureBudget(s.max_failure_fraction, min_items=20, what="pairs")
 
     def finish(rec):
         journal.append(rec)
         done[rec["pair_id"]] = rec
         bar.update(1)
-        bar.set_postfix(kept=sum(r["status"] != "discarded" for r in done.values()))
+        bar.set_postfix(kept=sum(r["status"] not in ("discarded", "failed") for r in done.values()))
+        failed = rec["status"] == "failed"
+        budget.add(1, [rec["error"]] if failed else [], {rec["kind"]: 1} if failed else {})
 
     for c in range(0, len(todo), s.batch_pairs):
-        inducer.run_chunk([pairs[i] for i in todo[c:c + s.batch_pairs]], finish)
+        chunk = []
+        for i in todo[c:c + s.batch_pairs]:
+            try:
+                chunk.append(pairs[i])
+            except (OSError, ValueError, KeyError) as e:  # one unreadable pair: named, journaled, the run goes on
+                finish({"pair_id": ids[i], "status": "failed", "kind": parsing.INPUT_ERROR,
+                        "error": f"pair {ids[i]} (index {i}): could not be read: {type(e).__name__}: {e}",
+                        "refinements": 0, "rubrics": [], "prompt": "", "category": "", "edit": False,
+                        "calls": {}, "statuses": {}, "history": []})
+        if chunk:
+            inducer.run_chunk(chunk, finish)
     bar.close()
+    budget.check(final=True)
 
     recs = [done[pid] for pid in ids]
-    kept = [r for r in recs if r["status"] != "discarded"]
+    kept = [r for r in recs if r["status"] not in ("discarded", "failed")]
+    failed = [r for r in recs if r["status"] == "failed"]
     if not kept:
-        raise NoVerifiedRubricsError(f"every one of the {len(recs)} pairs was discarded; nothing to structure "
-                           f"(see {journal.path})")
+        raise NoVerifiedRubricsError(f"every one of the {len(recs)} pairs was discarded"
+                                     + (f" or failed ({len(failed)} failed)" if failed else "")
+                                     + f"; nothing to structure (see {journal.path})")
     themes, structure_status, st_statuses = inducer.structure(kept)
     n = len(recs)
     by = Counter(r["status"] for r in recs)
@@ -342,6 +398,9 @@ def induce(pairs: Sequence[PreferencePair], backend: TextBackend, workdir: str |
         "model": getattr(backend, "model", backend.name), "backend": backend.name,
         "pairs": {"total": n, "used": [r["pair_id"] for r in kept],
                   "discarded_ids": [r["pair_id"] for r in recs if r["status"] == "discarded"],
+                  "failed": len(failed), "failed_ids": [r["pair_id"] for r in failed],
+                  "failures": dict(Counter(r.get("kind", "") for r in failed)),
+                  "first_failures": [r.get("error", "") for r in failed[:5]],
                   "first_pass": by["first_pass"], "refined": by["refined"], "discarded": by["discarded"],
                   "first_pass_rate": by["first_pass"] / n, "discard_rate": by["discarded"] / n,
                   "refinements_of_kept": dict(sorted(Counter(str(r["refinements"]) for r in kept).items()))},
@@ -373,7 +432,8 @@ def backend_identity(b) -> dict:
 def settings_from(c) -> InductionSettings:
     return InductionSettings(k=c.k, t_max=c.t_max, verify_orders=c.verify_orders, batch_pairs=c.batch_pairs,
                              max_themes=c.max_themes, tips_per_theme=c.tips_per_theme,
-                             structure_retries=c.structure_retries, seed=c.seed)
+                             structure_retries=c.structure_retries, seed=c.seed,
+                             max_failure_fraction=c.get("max_failure_fraction", 0.1))
 
 
 def induce_from_config(cfg) -> RubricFile:
@@ -398,7 +458,8 @@ def induce_from_config(cfg) -> RubricFile:
                 progress=cfg.get("progress", True))
     p = rf.provenance["pairs"]
     print(f"ARR induction: {p['total']} pairs -> first pass {p['first_pass']} ({100 * p['first_pass_rate']:.1f}%), "
-          f"refined {p['refined']}, discarded {p['discarded']} ({100 * p['discard_rate']:.1f}%); "
+          f"refined {p['refined']}, discarded {p['discarded']} ({100 * p['discard_rate']:.1f}%), "
+          f"failed {p['failed']}{' ' + str(p['failures']) if p['failed'] else ''}; "
           f"{len(rf.themes)} themes, structure {rf.provenance['structure_status']}; "
           f"{time.perf_counter() - t0:.1f}s")
     print(f"rubric file: {cfg.workdir}/rubric.txt (+ rubric.json)\n")

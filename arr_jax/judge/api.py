@@ -6,6 +6,16 @@ exponential back-off; at most ``concurrency`` requests are in flight at once (on
 per backend, shared by every thread); answers are cached on disk under a SHA-256 of the
 request body, so a rerun costs nothing. HTTP 401/403 raise `AuthenticationError` at once.
 
+Every reply is checked before it is cached or returned (`check_reply`): a reply cut off
+(``finish_reason`` other than "stop", e.g. "length" mid-thought with ``content: null`` and the
+text in ``reasoning_content``), refused (a ``refusal`` field, ``finish_reason``
+"content_filter"), with reasoning but no answer, or empty is returned as a
+`arr_jax.judge.parsing.FailedReply` with that status (the parsers count it under it), counted in
+``stats[status]``, and never cached: a rerun asks again. A cached reply is checked again when
+read (caches written before this check are healed the same way). One request that cannot be
+sent (an image that cannot be encoded) or that the server rejects (HTTP 400 / 413 / 422) is a
+``bad_image`` / ``rejected`` FailedReply naming the request; the others are still answered.
+
 Configuration: arguments, else the environment: ``ARR_API_BASE`` / ``OPENAI_BASE_URL``
 (endpoint), ``ARR_API_MODEL`` (model), the key from the variable named by ``api_key_env``
 (default ``OPENAI_API_KEY``; a local server may need none).
@@ -17,6 +27,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import os
 import random
 import socket
@@ -28,11 +39,14 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 from PIL import Image
 
 from arr_jax.data.images import to_rgb_uint8
+from arr_jax.judge import parsing
+from arr_jax.judge.parsing import FailedReply
 from arr_jax.judge.templates import ChatRequest, ImagePart
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 
@@ -82,8 +96,39 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
+# finish_reason values of a reply that ended by itself ("stop"; None where a server omits it;
+# the rest are spellings some OpenAI-compatible servers use for the same thing)
+FINISHED = (None, "stop", "eos", "eos_token", "stop_sequence", "end_turn")
+
+
+def check_reply(raw: dict) -> tuple[str, str | None, str]:
+    """``(text, failure, note)`` of a chat-completion response: the answer text, and None or the
+    status that makes it no answer (`parsing.REFUSED`, `parsing.TRUNCATED`,
+    `parsing.REASONING_ONLY`, `parsing.EMPTY`) with a note saying why."""
+    choice = (raw.get("choices") or [{}])[0] or {}
+    msg = choice.get("message") or {}
+    text = _content_text(msg.get("content"))
+    reasoning = _content_text(msg.get("reasoning_content") or msg.get("reasoning"))
+    finish = choice.get("finish_reason")
+    refusal = msg.get("refusal")
+    if refusal or finish == "content_filter":
+        return text, parsing.REFUSED, f"refused ({_content_text(refusal) or 'finish_reason ' + repr(finish)})"[:500]
+    if finish not in FINISHED:
+        return text, parsing.TRUNCATED, (f"finish_reason {finish!r}: {len(text)} characters of answer, "
+                                         f"{len(reasoning)} of reasoning")
+    if not text.strip():
+        if reasoning.strip():
+            return text, parsing.REASONING_ONLY, f"reasoning ({len(reasoning)} characters) but no answer"
+        return text, parsing.EMPTY, "empty reply"
+    return text, None, ""
+
+
 class _Retryable(Exception):
     pass
+
+
+class _Rejected(Exception):
+    """The server rejected this one request (HTTP 400 / 413 / 422)."""
 
 
 class OpenAIBackend:
@@ -127,6 +172,7 @@ class OpenAIBackend:
         self.extra_body = dict(extra_body or {})
         self._sem = threading.BoundedSemaphore(self.concurrency)
         self._lock = threading.Lock()
+        # requests, HTTP calls, cache hits, retries, and failed replies by status (truncated, ...)
         self.stats = {"requests": 0, "http_calls": 0, "cache_hits": 0, "retries": 0}
         self.name = f"openai:{self.model}"
 
@@ -163,13 +209,22 @@ class OpenAIBackend:
         return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.json"
 
     def _cache_get(self, key: str) -> str | None:
+        """The cached answer, or None: no entry, a torn or foreign file, or an entry that is no
+        answer (written before replies were checked): ask again."""
         p = self._cache_path(key)
         if p is None or not p.exists():
             return None
         try:
-            return json.loads(p.read_text(encoding="utf-8"))["text"]
-        except (OSError, ValueError, KeyError):
-            return None  # a torn or foreign file: ask again
+            entry = json.loads(p.read_text(encoding="utf-8"))
+            text = entry["text"]
+            raw = entry.get("response")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if not isinstance(text, str) or not text.strip():
+            return None
+        if isinstance(raw, dict) and check_reply(raw)[1] is not None:
+            return None
+        return text
 
     def _cache_put(self, key: str, text: str, raw: dict) -> None:
         p = self._cache_path(key)
@@ -192,6 +247,8 @@ class OpenAIBackend:
                 return json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as e:
             body = e.read()[:2000].decode("utf-8", "replace") if e.fp is not None else ""
+            if e.code in (400, 413, 422):
+                raise _Rejected(f"HTTP {e.code} from {self.url}: {body[:500]}") from None
             if e.code in (401, 403):
                 where = "backend.openai.api_key / " + self.api_key_env
                 state = "is set" if self.api_key else "is NOT set"
@@ -219,11 +276,21 @@ class OpenAIBackend:
         d = min(self.backoff * 2 ** attempt, self.backoff_max)
         return d * random.uniform(0.75, 1.25)
 
-    def _one(self, req: ChatRequest) -> str:
-        body = self.payload(req)
-        key = self.request_hash(body)
+    def _failed(self, text: str, status: str, reason: str) -> FailedReply:
+        with self._lock:
+            self.stats[status] = self.stats.get(status, 0) + 1
+        log.warning("%s", reason)
+        return FailedReply(text, status, reason)
+
+    def _one(self, req: ChatRequest, index: int | None = None) -> str:
+        label = req.label(index)
         with self._lock:
             self.stats["requests"] += 1
+        try:
+            body = self.payload(req)
+        except ValueError as e:  # an image that cannot be encoded
+            return self._failed("", parsing.BAD_IMAGE, f"{label}: {e}")
+        key = self.request_hash(body)
         hit = self._cache_get(key)
         if hit is not None:
             with self._lock:
@@ -237,12 +304,15 @@ class OpenAIBackend:
                     with self._lock:
                         self.stats["http_calls"] += 1
                     raw = self._post(data)
-                choices = raw.get("choices") or []
-                if not choices:
+                if not isinstance(raw, dict) or not raw.get("choices"):
                     raise _Retryable(f"no choices in response: {json.dumps(raw)[:300]}", None)
-                text = _content_text((choices[0].get("message") or {}).get("content"))
+                text, failure, note = check_reply(raw)
+                if failure is not None:  # not an answer: counted, never cached
+                    return self._failed(text, failure, f"{label}: {note} (model {self.model!r})")
                 self._cache_put(key, text, raw)
                 return text
+            except _Rejected as e:
+                return self._failed("", parsing.REJECTED, f"{label}: {e}")
             except _Retryable as e:
                 last = str(e.args[0])
                 if attempt == self.max_retries:
@@ -250,19 +320,21 @@ class OpenAIBackend:
                 with self._lock:
                     self.stats["retries"] += 1
                 time.sleep(self._delay(attempt, e.args[1] if len(e.args) > 1 else None))
-        raise APIError(f"{self.url}: giving up after {self.max_retries + 1} attempts; last error: {last}")
+        raise APIError(f"{self.url}: {label}: giving up after {self.max_retries + 1} attempts; last error: {last}")
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
-        """Answer texts, in order. Raises AuthenticationError / APIError (pending requests are
-        cancelled; finished ones are already cached)."""
+        """Answer texts, in order; a reply that is no answer, or a request that could not be sent
+        or was rejected, is a `FailedReply` (module docstring). Raises AuthenticationError /
+        APIError when the service fails (pending requests are cancelled; finished ones are
+        already cached)."""
         requests = list(requests)
         if not requests:
             return []
         if len(requests) == 1 or self.concurrency == 1:
-            return [self._one(r) for r in requests]
+            return [self._one(r, i) for i, r in enumerate(requests)]
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)))
         try:
-            futures = [pool.submit(self._one, r) for r in requests]
+            futures = [pool.submit(self._one, r, i) for i, r in enumerate(requests)]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for f in done:
                 if f.exception() is not None:

@@ -1,16 +1,39 @@
 """The judge interface shared by every backend (programmatic world judge, Flax VLM judge,
-HTTP API judge), plus rubric dataclasses and order-flipping helpers.
+HTTP API judge), plus rubric dataclasses, order-flipping helpers and failure accounting.
 
 Convention: ``compare(prompts, images1, images2)`` judges B pairs; images are uint8
 (B, H, W, 3). ``winner`` is 1 when image 1 is better, 2 when image 2 is, 0 for a
 tie/undecided pair; ``p_first`` is P(image 1 better), 0.5 for a tie.
+
+Failures: a pair whose judgement failed (an unusable answer, a non-finite score, an input that
+could not be processed) has ``valid`` False, winner 0 and p_first 0.5, and is counted by kind in
+``failures``; `compare` does not raise for it. Per-input errors are `InputError`s naming the
+input. Long runs count failed items in a `FailureBudget`, which stops the run with
+`TooManyFailuresError` once more than ``max_failure_fraction`` of them failed.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence, runtime_checkable
+from collections import Counter
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from arr_jax.judge import parsing
+
+
+class InputError(ValueError):
+    """One input of a batch (a request, pair, image, file line) that cannot be processed. The
+    message names it; ``index`` is its position in the batch a call was given (None when not
+    known); ``kind`` is the status it is counted under (`parsing.INPUT_FAILURES`)."""
+
+    def __init__(self, message: str, index: int | None = None, kind: str = parsing.INPUT_ERROR):
+        super().__init__(message)
+        self.index, self.kind = index, kind
+
+
+class TooManyFailuresError(RuntimeError):
+    """A long run stopped because more than its ``max_failure_fraction`` of items failed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +72,12 @@ class PairwiseBatch:
     p_first:  (B,) float32, P(image 1 better); 0.5 for a tie.
     criteria: name -> (B, 2) bool per-image verdicts (column 0 = image 1), or None.
     failures: counted failures by kind (parse errors, unreadable images, ...).
-    reasons:  B free-text explanations, or None.
+    reasons:  B free-text explanations, or None (a failed pair's names what failed).
+    valid:    (B,) bool, False where the judgement failed (winner 0, p_first 0.5); default all True.
+
+    A p_first that is not finite (NaN, inf) or outside [0, 1] is a failure wherever it comes
+    from: the constructor sets that pair's p_first to 0.5, winner 0, valid False, and counts it
+    under ``failures["non_finite"]`` / ``failures["bad_value"]``.
     """
 
     winner: np.ndarray
@@ -57,13 +85,32 @@ class PairwiseBatch:
     criteria: dict[str, np.ndarray] | None = None
     failures: dict[str, int] = dataclasses.field(default_factory=dict)
     reasons: list[str] | None = None
+    valid: np.ndarray | None = None
 
     def __post_init__(self):
         self.winner = np.asarray(self.winner, np.int8)
-        self.p_first = np.asarray(self.p_first, np.float32)
-        if self.winner.shape != self.p_first.shape or self.winner.ndim != 1:
-            raise ValueError(f"winner {self.winner.shape} and p_first {self.p_first.shape} "
-                             "must both be (B,)")
+        p = np.array(self.p_first, np.float32)
+        if self.winner.shape != p.shape or self.winner.ndim != 1:
+            raise ValueError(f"winner {self.winner.shape} and p_first {p.shape} must both be (B,)")
+        self.valid = (np.ones(p.shape, bool) if self.valid is None
+                      else np.array(self.valid, bool).reshape(p.shape))
+        with np.errstate(invalid="ignore"):
+            non_finite = ~np.isfinite(p)
+            out_of_range = ~non_finite & ((p < 0) | (p > 1))
+        if non_finite.any() or out_of_range.any():
+            self.failures = dict(self.failures)
+            for kind, bad in ((parsing.NON_FINITE, non_finite), (parsing.BAD_VALUE, out_of_range)):
+                if bad.any():
+                    self.failures[kind] = self.failures.get(kind, 0) + int(bad.sum())
+            bad = non_finite | out_of_range
+            raw = p.copy()
+            p[bad] = 0.5
+            self.winner = np.where(bad, 0, self.winner).astype(np.int8)
+            self.valid = self.valid & ~bad
+            if self.reasons is not None:
+                self.reasons = [f"unusable P(image 1) = {raw[i]}" + (f"; {r}" if r else "") if bad[i] else r
+                                for i, r in enumerate(self.reasons)]
+        self.p_first = p
 
     def __len__(self) -> int:
         return int(self.winner.shape[0])
@@ -83,6 +130,18 @@ class Judge(Protocol):
         images2: np.ndarray,
         rubric: str | None = None,
     ) -> PairwiseBatch: ...
+
+
+def choice_probability(logp_first, logp_second) -> np.ndarray:
+    """P(first choice) from the log-probabilities of two candidates (any matching shapes), the
+    two renormalised: ``exp(lp1 - logaddexp(lp1, lp2))``, in float64, stable for very negative
+    log-probs (one candidate at -inf gives exactly 0 or 1). NaN where it is undefined: both at
+    -inf, any NaN or +inf; callers count those as failures (see `PairwiseBatch`)."""
+    a = np.asarray(logp_first, np.float64)
+    b = np.asarray(logp_second, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(a - np.logaddexp(a, b))
+    return np.where(np.isnan(a) | np.isnan(b) | (a == np.inf) | (b == np.inf), np.nan, p)
 
 
 def winner_from_p(p_first: np.ndarray, tie_band: float = 0.0) -> np.ndarray:
@@ -113,6 +172,7 @@ def flip(batch: PairwiseBatch) -> PairwiseBatch:
         criteria=crit,
         failures=dict(batch.failures),
         reasons=None if batch.reasons is None else list(batch.reasons),
+        valid=batch.valid.copy(),
     )
 
 
@@ -120,16 +180,19 @@ def combine_orders(fwd: PairwiseBatch, rev_flipped: PairwiseBatch, mode: str = "
     """Symmetrised judgement from a forward batch and a flipped swapped-order batch.
 
     mode "agree": a win only where both orders name the same winner, a tie otherwise
-    (p_first = mean of the two). mode "mean": p_first = mean, winner from p_first.
+    (p_first = mean of the two). mode "mean": p_first = mean, winner from p_first. Either way a
+    pair whose judgement failed in one order fails (winner 0, p_first 0.5, valid False): one
+    order alone would bring back the positional bias symmetrising removes.
     """
-    p = 0.5 * (fwd.p_first + rev_flipped.p_first)
-    if mode == "agree":
-        w = np.where(fwd.winner == rev_flipped.winner, fwd.winner, 0).astype(np.int8)
-        p = np.where(w == 0, 0.5, p)
-    elif mode == "mean":
-        w = winner_from_p(p)
-    else:
+    if mode not in ("agree", "mean"):
         raise ValueError(f"unknown combine mode {mode!r}; expected 'agree' or 'mean'")
+    valid = fwd.valid & rev_flipped.valid
+    p = np.where(valid, 0.5 * (fwd.p_first + rev_flipped.p_first), 0.5)
+    if mode == "agree":
+        w = np.where((fwd.winner == rev_flipped.winner) & valid, fwd.winner, 0).astype(np.int8)
+        p = np.where(w == 0, 0.5, p)
+    else:
+        w = np.where(valid, winner_from_p(p), 0).astype(np.int8)
     failures = dict(fwd.failures)
     for k, v in rev_flipped.failures.items():
         failures[k] = failures.get(k, 0) + v
@@ -137,7 +200,7 @@ def combine_orders(fwd: PairwiseBatch, rev_flipped: PairwiseBatch, mode: str = "
     if fwd.reasons is not None and rev_flipped.reasons is not None:
         reasons = [f"fwd: {a} | rev: {b}" for a, b in zip(fwd.reasons, rev_flipped.reasons)]
     return PairwiseBatch(winner=w, p_first=p.astype(np.float32), criteria=fwd.criteria,
-                         failures=failures, reasons=reasons)
+                         failures=failures, reasons=reasons, valid=valid)
 
 
 def concat(batches: Sequence[PairwiseBatch]) -> PairwiseBatch:
@@ -159,4 +222,88 @@ def concat(batches: Sequence[PairwiseBatch]) -> PairwiseBatch:
     return PairwiseBatch(
         winner=np.concatenate([b.winner for b in batches]),
         p_first=np.concatenate([b.p_first for b in batches]),
-        criteria=crit, failures=failures, reasons=reasons)
+        criteria=crit, failures=failures, reasons=reasons,
+        valid=np.concatenate([b.valid for b in batches]))
+
+
+# --------------------------------------------------------------------------------------------
+# Failure accounting over long runs
+
+_NOT_FAILURES = (parsing.OK, parsing.REPAIRED, parsing.FALLBACK, parsing.TIE)
+
+
+class FailureBudget:
+    """Failed items (pairs) of a long run, counted by kind, with a cap on their fraction.
+
+    ``add`` / ``add_batch`` record items; once at least ``min_items`` items were seen (so one
+    early failure does not stop a run) and more than ``max_failure_fraction`` of them failed,
+    they raise `TooManyFailuresError` with the counts, the kinds and the first failures, each
+    naming its item. ``check(final=True)`` applies the cap whatever the count (at the end of a
+    short run). ``max_failure_fraction`` 1.0 never stops a run; 0.0 stops at the first failure.
+
+    Used by `arr_jax.arr.evaluation.evaluate`, `arr_jax.arr.induction.induce` and the RPO
+    trainer (``budget.add_batch(judge.compare(...), names)`` after each judged batch).
+    """
+
+    def __init__(self, max_failure_fraction: float = 0.1, min_items: int = 20, what: str = "pairs",
+                 keep: int = 5):
+        if not 0.0 <= max_failure_fraction <= 1.0:
+            raise ValueError(f"max_failure_fraction must be in [0, 1], got {max_failure_fraction}")
+        if min_items < 0 or keep < 0:
+            raise ValueError(f"min_items ({min_items}) and keep ({keep}) must be >= 0")
+        self.max_failure_fraction, self.min_items, self.what, self.keep = (
+            float(max_failure_fraction), int(min_items), what, int(keep))
+        self.items = 0
+        self.failed = 0
+        self.kinds: Counter = Counter()
+        self.first: list[str] = []
+
+    @property
+    def fraction(self) -> float:
+        return self.failed / self.items if self.items else 0.0
+
+    def add(self, n_items: int, failed: Sequence[str] = (), kinds: Mapping[str, int] | None = None,
+            check: bool = True) -> None:
+        """Record ``n_items`` items of which ``len(failed)`` failed; ``failed`` holds one note per
+        failed item naming it; ``kinds`` counts failures by kind (default: ``{"failed": n}``)."""
+        if len(failed) > n_items:
+            raise ValueError(f"{len(failed)} failed items out of {n_items}")
+        self.items += int(n_items)
+        self.failed += len(failed)
+        self.kinds.update({k: int(v) for k, v in (kinds if kinds is not None else {"failed": len(failed)}).items()
+                           if v})
+        self.first += [str(x)[:500] for x in failed[:max(self.keep - len(self.first), 0)]]
+        if check:
+            self.check()
+
+    def add_batch(self, batch: PairwiseBatch, names: Sequence[str] | None = None, where: str = "",
+                  check: bool = True) -> None:
+        """Record a judged batch: its invalid pairs fail, named by ``names[i]`` (default "pair i")
+        and ``where`` (e.g. "step 12: "), with the batch's reason; kinds from ``batch.failures``
+        (ties and prose fallbacks are not failures)."""
+        bad = np.flatnonzero(~batch.valid)
+        notes = []
+        for i in bad:
+            name = names[i] if names is not None else f"pair {i}"
+            why = batch.reasons[i] if batch.reasons is not None else ""
+            notes.append(f"{where}{name}" + (f": {why}" if why else ""))
+        kinds = {k: v for k, v in batch.failures.items() if v and k not in _NOT_FAILURES}
+        self.add(len(batch), notes, kinds if kinds or not notes else None, check=check)
+
+    def message(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in self.kinds.most_common())
+        first = "".join(f"\n  - {x}" for x in self.first)
+        return (f"{self.failed} of {self.items} {self.what} failed ({100 * self.fraction:.1f}%, more than "
+                f"max_failure_fraction={self.max_failure_fraction:g}); by kind: {kinds or 'none'}; "
+                f"first failures:{first or ' none recorded'}")
+
+    def check(self, final: bool = False) -> None:
+        """Raise `TooManyFailuresError` when over the cap (see the class docstring)."""
+        if (final or self.items >= self.min_items) and self.failed and self.fraction > self.max_failure_fraction:
+            raise TooManyFailuresError(self.message())
+
+    def summary(self) -> dict:
+        """JSON-able counts: items, failed, fraction, kinds, first (notes)."""
+        return {"items": self.items, "failed": self.failed, "fraction": self.fraction,
+                "kinds": dict(self.kinds), "first": list(self.first),
+                "max_failure_fraction": self.max_failure_fraction}

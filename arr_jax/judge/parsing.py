@@ -1,5 +1,18 @@
 """Parsing of judge / rubric-generator outputs that never raises.
 
+Every parser first isolates the *answer region* of a reply (`answer_region`), then reads the
+LAST complete JSON object of that region that holds the parser's key (`extract_json`), falling
+back to answer patterns in the region's prose. The answer region:
+
+  * a backend's `FailedReply` (a reply that is no answer: cut off, refused, reasoning only, an
+    input that could not be processed) has none: the parser returns the reply's own status;
+  * reasoning is dropped: the region starts after the last ``</think>`` that closes every open
+    ``<think>`` (the opening tag may be absent: thinking models' chat templates emit it);
+    a ``<think>`` block that never closes is a reply cut off mid-thought: status
+    ``truncated_reasoning``, whatever the draft says;
+  * inside the region, ``<answer>...</answer>`` (the last such block; an unclosed one runs to
+    the end) is the region when present.
+
 Every parser returns a result with a ``status`` from ``STATUSES``:
 
   ok            well-formed JSON with valid fields
@@ -8,13 +21,26 @@ Every parser returns a result with a ``status`` from ``STATUSES``:
   fallback      no usable JSON, but an unambiguous answer pattern in the prose
   tie           a pairwise answer ranking both images the same (listwise: repeated ranks);
                 the defined outcome is "undecided"
-  empty         empty / whitespace-only output
+  empty         empty / whitespace-only output (or answer region)
   no_json       no JSON object and no answer pattern
   invalid_json  a JSON-looking span that could not be repaired
   missing_field JSON without the required key
-  bad_value     the key is there but its value is unusable (wrong type, out of range,
+  bad_value     the key is there but its value is unusable (wrong type, out of range, NaN,
                 ranks not a permutation, no non-empty rubric, ...)
+  truncated_reasoning  a ``<think>`` block that never closes: the reply was cut off mid-thought
   internal_error  a bug in this module (caught; tests assert it never happens)
+
+and, carried by a backend's `FailedReply` (see `REPLY_FAILURES`, `INPUT_FAILURES`) or set by a
+judge (`NON_FINITE`):
+
+  truncated     the server stopped before the answer was complete (``finish_reason`` "length", ...)
+  refused       the server refused (a ``refusal`` field, ``finish_reason`` "content_filter")
+  reasoning_only  reasoning text but no answer content
+  bad_image     an image of the request could not be decoded or used (e.g. its aspect ratio)
+  too_long      the request does not fit the model's context
+  input_error   another problem with this one request
+  rejected      the server rejected this one request (HTTP 400 / 413 / 422)
+  non_finite    a judge score that is NaN or infinite (counted, replaced by p = 0.5)
 
 ``FAILURES`` are the statuses whose answer is not used (a tie is a defined outcome, not a
 parse failure, but is counted too). ``Counter``s of statuses are what judges report.
@@ -25,20 +51,29 @@ import dataclasses
 import json
 import re
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+
+from arr_jax.judge.json_repair import MAX_CHARS, QUOTES, json_objects, loads
 
 OK, REPAIRED, FALLBACK, TIE = "ok", "repaired", "fallback", "tie"
 EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE, INTERNAL = (
     "empty", "no_json", "invalid_json", "missing_field", "bad_value", "internal_error")
+TRUNCATED_REASONING = "truncated_reasoning"
+TRUNCATED, REFUSED, REASONING_ONLY = "truncated", "refused", "reasoning_only"
+BAD_IMAGE, TOO_LONG, INPUT_ERROR, REJECTED = "bad_image", "too_long", "input_error", "rejected"
+NON_FINITE = "non_finite"
+REPLY_FAILURES = (TRUNCATED, REFUSED, REASONING_ONLY)          # the reply is no answer
+INPUT_FAILURES = (BAD_IMAGE, TOO_LONG, INPUT_ERROR, REJECTED)  # the request could not be answered
 STATUSES = (OK, REPAIRED, FALLBACK, TIE, EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE,
-            INTERNAL)
+            TRUNCATED_REASONING, INTERNAL) + REPLY_FAILURES + INPUT_FAILURES + (NON_FINITE,)
+# failures of the run rather than of the answer's format: what a long run's failure cap counts
+# where parse failures are the measurement (judge evaluation, rubric induction)
+RUN_ERRORS = INPUT_FAILURES + REPLY_FAILURES + (TRUNCATED_REASONING, NON_FINITE, INTERNAL)
 USABLE = (OK, REPAIRED, FALLBACK)
-FAILURES = (EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE, INTERNAL)
+FAILURES = (EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE, TRUNCATED_REASONING,
+            INTERNAL) + REPLY_FAILURES + INPUT_FAILURES + (NON_FINITE,)
 
-_MAX_CHARS = 200_000      # longer outputs are cut (a runaway generation)
-_MAX_STARTS = 16          # '{' positions tried per candidate span
-_MAX_DEPTH = 64           # deeper nesting is not a judge answer
-_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
+_MAX_CHARS = MAX_CHARS
 
 
 def count(statuses) -> dict[str, int]:
@@ -46,169 +81,106 @@ def count(statuses) -> dict[str, int]:
     return dict(Counter(statuses))
 
 
+class FailedReply(str):
+    """A backend's reply that is not an answer: ``str(reply)`` is whatever text came back (maybe
+    empty, maybe reasoning), ``status`` one of `REPLY_FAILURES` / `INPUT_FAILURES` (or any
+    failure status), ``reason`` a message naming the request. Every parser returns ``status``
+    for it without reading the text; API backends never cache it."""
+
+    status: str
+    reason: str
+
+    def __new__(cls, text: str = "", status: str = INPUT_ERROR, reason: str = ""):
+        obj = super().__new__(cls, text or "")
+        obj.status, obj.reason = status, reason
+        return obj
+
+    def __repr__(self) -> str:
+        return f"FailedReply({str.__repr__(self)}, status={self.status!r}, reason={self.reason!r})"
+
+
 # --------------------------------------------------------------------------------------------
-# JSON extraction and repair
+# The answer region
 
-def _fences(text: str) -> list[str]:
-    """Contents of ``` fenced blocks (an unterminated last fence runs to the end)."""
-    out = []
-    parts = text.split("```")
-    for i in range(1, len(parts), 2):
-        body = parts[i]
-        body = re.sub(r"^[ \t]*[A-Za-z0-9_-]*[ \t]*\n", "", body, count=1)  # language tag
-        out.append(body)
-    return out
+_THINK_TAG = re.compile(r"<\s*(/?)\s*think(?:ing)?\s*>", re.I)
+_ANSWER_OPEN = re.compile(r"<\s*answer\s*>", re.I)
+_ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.I)
 
 
-def _repair(s: str) -> tuple[str, list[str]]:
-    """Normalise a JSON-ish object text. Returns (text, trims): ``trims`` are the text cut at
-    each of the last commas, with the brackets open there closed (to drop a broken tail)."""
-    out: list[str] = []
-    stack: list[str] = []
-    cuts: list[tuple[int, list[str]]] = []
-    i, n = 0, len(s)
-    in_str: str | None = None
-    while i < n:
-        c = s[i]
-        if in_str is not None:
-            if c == "\\" and i + 1 < n:
-                nxt = s[i + 1]
-                if in_str == "'" and nxt == "'":
-                    out.append("'")
-                else:
-                    out.append(c + nxt)
-                i += 2
-                continue
-            if c == in_str:
-                out.append('"')
-                in_str = None
-            elif c == '"':  # a double quote inside a single-quoted string
-                out.append('\\"')
-            elif c == "\n":
-                out.append("\\n")
-            elif c in "\r\t":
-                out.append("\\r" if c == "\r" else "\\t")
-            else:
-                out.append(c)
-            i += 1
-            continue
-        if c in "\"'":
-            in_str = c
-            out.append('"')
-        elif c in "{[":
-            if len(stack) >= _MAX_DEPTH:
-                raise ValueError("nesting too deep")
-            stack.append("}" if c == "{" else "]")
-            out.append(c)
-        elif c in "}]":
-            # drop a trailing comma before a closer
-            j = len(out) - 1
-            while j >= 0 and out[j].isspace():
-                j -= 1
-            if j >= 0 and out[j] == ",":
-                del out[j]
-                if cuts and cuts[-1][0] == j:
-                    cuts.pop()
-            if stack and stack[-1] == c:
-                stack.pop()
-                out.append(c)
-                if not stack:
-                    return "".join(out), _trims(out, cuts)
-            else:
-                raise ValueError("mismatched bracket")
-        elif c == ",":
-            cuts.append((len(out), list(stack)))
-            out.append(c)
-        elif c.isalpha() or c == "_":
-            j = i
-            while j < n and (s[j].isalnum() or s[j] == "_"):
-                j += 1
-            word = s[i:j]
-            k = j
-            while k < n and s[k] in " \t":
-                k += 1
-            if k < n and s[k] == ":" and stack and stack[-1] == "}":
-                out.append(json.dumps(word))          # bare key
-            elif word in ("True", "False", "None"):
-                out.append({"True": "true", "False": "false", "None": "null"}[word])
-            else:
-                out.append(word)
-            i = j
-            continue
-        elif c == "#" or (c == "/" and i + 1 < n and s[i + 1] == "/"):
-            while i < n and s[i] != "\n":  # comment to end of line
-                i += 1
-            continue
-        else:
-            out.append(c)
-        i += 1
-    # truncated: close the open string and brackets
-    if in_str is not None:
-        out.append('"')
-    text = "".join(out).rstrip()
-    while text.endswith((",", ":")):
-        text = text[:-1].rstrip()
-        if text.endswith(":"):
-            text += " null"
-            break
-    return text + "".join(reversed(stack)), _trims(out, cuts)
-
-
-def _trims(out: list[str], cuts: list[tuple[int, list[str]]]) -> list[str]:
-    return ["".join(out[:i]) + "".join(reversed(st)) for i, st in reversed(cuts[-32:])]
-
-
-def _loads(s: str) -> Any:
-    try:
-        return json.loads(s)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _try_object(s: str) -> tuple[Any, str | None]:
-    """Parse the object starting at s[0] == '{'. Returns (obj, OK/REPAIRED) or (None, None)."""
-    # exact JSON first (a balanced prefix)
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(s)
-        if isinstance(obj, dict):
-            return obj, OK
-    except (ValueError, RecursionError):
-        pass
-    try:
-        fixed, cuts = _repair(s)
-    except (ValueError, RecursionError):
-        return None, None
-    obj = _loads(fixed)
-    if isinstance(obj, dict):
-        return obj, REPAIRED
-    for trimmed in cuts:  # drop a broken tail back to a comma
-        obj = _loads(trimmed)
-        if isinstance(obj, dict):
-            return obj, REPAIRED
-    return None, None
-
-
-def extract_json(text: Any) -> tuple[dict | None, str]:
-    """The first JSON object in ``text`` (fences preferred), repaired if needed.
-
-    Returns (obj, status) with status OK / REPAIRED, or (None, EMPTY / NO_JSON / INVALID_JSON).
-    """
+def answer_region(text: Any) -> tuple[str, str | None]:
+    """``(region, status)``: the part of a reply that holds the answer (module docstring), and
+    None, or the status that ends parsing: the `FailedReply`'s own, `TRUNCATED_REASONING`
+    (an unclosed think block) or `EMPTY` (nothing left). Never raises."""
+    if isinstance(text, FailedReply):
+        return "", text.status
     if not isinstance(text, str):
         text = "" if text is None else str(text)
-    text = text[:_MAX_CHARS].translate(_QUOTES)
-    if not text.strip():
+    text = text[:_MAX_CHARS]
+    depth, start = 0, 0
+    for m in _THINK_TAG.finditer(text):
+        if m.group(1):                       # </think>; with no open block its <think> was in the template
+            depth = max(depth - 1, 0)
+            if depth == 0:
+                start = m.end()
+        else:
+            depth += 1
+    if depth:
+        return text[start:], TRUNCATED_REASONING
+    region = text[start:]
+    opens = list(_ANSWER_OPEN.finditer(region))
+    if opens:
+        region = region[opens[-1].end():]
+        close = _ANSWER_CLOSE.search(region)
+        region = region[:close.start()] if close else region
+    else:
+        closes = list(_ANSWER_CLOSE.finditer(region))
+        if closes:
+            region = region[:closes[-1].start()]
+    return region, (None if region.strip() else EMPTY)
+
+
+def _stop_reason(text: Any, status: str) -> str:
+    if isinstance(text, FailedReply):
+        return text.reason
+    if status == TRUNCATED_REASONING:
+        return f"reasoning cut off before any answer ({len(str(text))} characters)"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# The answer object
+
+def _extract(region: str, keys: Iterable[str] = ()) -> tuple[dict | None, str]:
+    """The answer object of an answer region: the last complete object holding one of ``keys``,
+    else a truncated one holding one, else the last complete one, else the truncated one."""
+    if not region.strip():
         return None, EMPTY
-    direct = _loads(text.strip()) if text.lstrip().startswith("{") else None
+    stripped = region.strip().translate(QUOTES)
+    direct = loads(stripped) if stripped.startswith("{") else None
     if isinstance(direct, dict):
         return direct, OK
-    saw_brace = False
-    for cand in _fences(text) + [text]:
-        for st in [m.start() for m in re.finditer(r"\{", cand)][:_MAX_STARTS]:
-            saw_brace = True
-            obj, _ = _try_object(cand[st:])
-            if obj is not None:
-                return obj, REPAIRED
-    return None, INVALID_JSON if saw_brace else NO_JSON
+    found, truncated, saw = json_objects(region)
+    keys = tuple(keys)
+    has = lambda o: o is not None and any(k in o for k in keys)  # noqa: E731
+    pick = next((o for o in reversed(found) if has(o)), None)
+    if pick is None:
+        pick = truncated if has(truncated) else (found[-1] if found else truncated)
+    if pick is not None:
+        return pick, REPAIRED
+    return None, INVALID_JSON if saw else NO_JSON
+
+
+def extract_json(text: Any, keys: Iterable[str] = ()) -> tuple[dict | None, str]:
+    """The answer object of a reply: the last complete JSON object of its answer region (the
+    last one holding one of ``keys`` when given; module docstring), repaired if needed.
+
+    Returns (obj, status) with status OK (the region is exactly one JSON object) / REPAIRED, or
+    (None, EMPTY / NO_JSON / INVALID_JSON / TRUNCATED_REASONING / a FailedReply's status).
+    """
+    region, stop = answer_region(text)
+    if stop is not None:
+        return None, stop
+    return _extract(region, keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +238,7 @@ _BETTER_RE = re.compile(
 
 def _pair_from_ranks(r: Any) -> tuple[int, str]:
     if isinstance(r, str):
-        inner = _loads(r) if r.strip().startswith("[") else None
+        inner = loads(r) if r.strip().startswith("[") else None
         r = inner if isinstance(inner, list) else r
     if not isinstance(r, list) or len(r) != 2:  # {"rank": 2} is ambiguous: refuse it
         return (0, BAD_VALUE)
@@ -278,8 +250,14 @@ def _pair_from_ranks(r: Any) -> tuple[int, str]:
     return (1 if a == 1 else 2, OK)
 
 
+_PAIR_KEYS = ("rank", "ranks", "ranking", "winner", "better", "preferred", "choice")
+
+
 def _parse_pairwise(text: Any) -> PairwiseAnswer:
-    obj, how = extract_json(text)
+    region, stop = answer_region(text)
+    if stop is not None:
+        return PairwiseAnswer(0, stop, _stop_reason(text, stop))
+    obj, how = _extract(region, _PAIR_KEYS)
     if obj is not None:
         key = next((k for k in ("rank", "ranks", "ranking") if k in obj), None)
         if key is not None:
@@ -295,18 +273,18 @@ def _parse_pairwise(text: Any) -> PairwiseAnswer:
                     return PairwiseAnswer(0, TIE, _reason(obj))
                 return PairwiseAnswer(0, BAD_VALUE, _reason(obj))
         if how != OK:  # a JSON fragment without the key: maybe the prose says it
-            fb = _pairwise_fallback(text)
+            fb = _pairwise_fallback(region)
             if fb is not None:
                 return fb
         return PairwiseAnswer(0, MISSING_FIELD, _reason(obj))
     if how == EMPTY:
         return PairwiseAnswer(0, EMPTY)
-    fb = _pairwise_fallback(text)
+    fb = _pairwise_fallback(region)
     return fb if fb is not None else PairwiseAnswer(0, how)
 
 
-def _pairwise_fallback(text: Any) -> PairwiseAnswer | None:
-    text = str(text)[:_MAX_CHARS]
+def _pairwise_fallback(text: str) -> PairwiseAnswer | None:
+    """An unambiguous answer pattern in the prose of an answer region, or None."""
     m = _RANK_RE.search(text)
     if m:
         w, st = _pair_from_ranks([int(m.group(1)), int(m.group(2))])
@@ -318,7 +296,8 @@ def _pairwise_fallback(text: Any) -> PairwiseAnswer | None:
 
 
 parse_pairwise = _guard(_parse_pairwise, lambda e: PairwiseAnswer(0, INTERNAL, e))
-parse_pairwise.__doc__ = """``{"rank": [r1, r2], "reason": ...}`` -> PairwiseAnswer (winner 0 unless usable)."""
+parse_pairwise.__doc__ = """``{"rank": [r1, r2], "reason": ...}`` -> PairwiseAnswer (winner 0 unless usable).
+Reads the reply's answer region (reasoning dropped), its last JSON object with a rank key."""
 
 
 @dataclasses.dataclass
@@ -334,7 +313,10 @@ _SCORE_RE = re.compile(r"\b(?:score|rating)\s*[\"']?\s*[:=]\s*[\"']?\s*([1-5])(?
 
 
 def _parse_pointwise(text: Any, lo: int = 1, hi: int = 5) -> PointwiseAnswer:
-    obj, how = extract_json(text)
+    region, stop = answer_region(text)
+    if stop is not None:
+        return PointwiseAnswer(None, stop, _stop_reason(text, stop))
+    obj, how = _extract(region, ("score", "rating"))
     if obj is not None:
         key = next((k for k in ("score", "rating") if k in obj), None)
         if key is None:
@@ -345,7 +327,7 @@ def _parse_pointwise(text: Any, lo: int = 1, hi: int = 5) -> PointwiseAnswer:
         return PointwiseAnswer(s, how, _reason(obj))
     if how == EMPTY:
         return PointwiseAnswer(None, EMPTY)
-    found = {int(a or b) for a, b in _SCORE_RE.findall(str(text)[:_MAX_CHARS])}
+    found = {int(a or b) for a, b in _SCORE_RE.findall(region)}
     if len(found) == 1:
         return PointwiseAnswer(found.pop(), FALLBACK)
     return PointwiseAnswer(None, how)
@@ -365,7 +347,10 @@ class ListwiseAnswer:
 
 
 def _parse_listwise(text: Any, n: int) -> ListwiseAnswer:
-    obj, how = extract_json(text)
+    region, stop = answer_region(text)
+    if stop is not None:
+        return ListwiseAnswer(None, stop, _stop_reason(text, stop))
+    obj, how = _extract(region, ("ranks", "rank", "ranking"))
     if obj is None:
         return ListwiseAnswer(None, how)
     key = next((k for k in ("ranks", "rank", "ranking") if k in obj), None)
@@ -416,7 +401,10 @@ def _rubric_text(item: Any) -> str:
 
 
 def _parse_rubrics(text: Any, k: int | None = None) -> RubricsAnswer:
-    obj, how = extract_json(text)
+    region, stop = answer_region(text)
+    if stop is not None:
+        return RubricsAnswer([], stop, _stop_reason(text, stop))
+    obj, how = _extract(region, ("rubrics", "criteria", "rubric"))
     if obj is None:
         return RubricsAnswer([], how)
     key = next((x for x in ("rubrics", "criteria", "rubric") if x in obj), None)
@@ -472,7 +460,10 @@ def parse_themes_text(text: str) -> list[tuple[str, list[str]]]:
 
 
 def _parse_themes(text: Any, max_themes: int | None = None, max_tips: int | None = None) -> ThemesAnswer:
-    obj, how = extract_json(text)
+    region, stop = answer_region(text)
+    if stop is not None:
+        return ThemesAnswer([], stop)
+    obj, how = _extract(region, ("themes",))
     themes: list[tuple[str, list[str]]] = []
     status = how
     if obj is not None:
@@ -495,7 +486,7 @@ def _parse_themes(text: Any, max_themes: int | None = None, max_tips: int | None
             if not themes:
                 status = BAD_VALUE
     if not themes and status != EMPTY:
-        themes = parse_themes_text(str(text)[:_MAX_CHARS])
+        themes = parse_themes_text(region)
         if themes:
             status = FALLBACK
     if not themes:

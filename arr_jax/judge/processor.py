@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 
 from arr_jax.data.images import ImageDecodeError, to_rgb_uint8
+from arr_jax.judge import parsing
+from arr_jax.judge.base import InputError
 from arr_jax.judge.chat_template import REASONING_POLICIES, ChatTemplate
 from arr_jax.judge.decode import left_pad
 from arr_jax.models.qwen3_vl import Qwen3VLConfig, prepare_inputs
@@ -75,7 +77,8 @@ def load_image(src: Any) -> Image.Image:
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Target ``(h, w)``: multiples of ``factor``, pixel count within bounds, aspect ratio kept."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio must be at most 200, got {max(height, width) / min(height, width)}")
+        raise ValueError(f"aspect ratio must be at most 200, got {max(height, width) / min(height, width)} "
+                         f"({height}x{width} pixels)")
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if h * w > max_pixels:
@@ -231,8 +234,11 @@ class Qwen3VLProcessor:
         if len(slots) != len(images):
             raise ValueError(f"the prompt has {len(slots)} image placeholders but {len(images)} images were given")
         pats, grids = [], []
-        for img in images:
-            p, g = preprocess_image(img, self.image_cfg)
+        for k, img in enumerate(images, 1):
+            try:
+                p, g = preprocess_image(img, self.image_cfg)
+            except ValueError as e:  # ImageDecodeError too: name the image
+                raise ImageDecodeError(f"image {k} of {len(images)}: {e}") from None
             pats.append(p)
             grids.append(g)
         merge = self.image_cfg.merge_size ** 2
@@ -259,7 +265,10 @@ class Qwen3VLProcessor:
         ``'{"rank": ['`` to score the next token). A chat longer than ``max_length`` tokens (default:
         the text config's ``max_position_embeddings``) is a ValueError naming it, its length and
         the limit (``limit_note`` says where the limit comes from); ``names`` label the chats in
-        such errors and in image decoding errors (default "chat <index>").
+        such errors and in image decoding errors (default "chat <index>"). Every error about one
+        chat is an `arr_jax.judge.base.InputError` (a ValueError) naming it, with ``index`` its
+        position in ``chats`` and ``kind`` "bad_image" (an image that cannot be decoded or used),
+        "too_long" or "input_error", so a caller can drop that chat and process the others.
 
         Returns the dict of `arr_jax.models.qwen3_vl.prepare_inputs` (``input_ids``,
         ``attention_mask``, ``positions``, image arrays ...), padded to the buckets.
@@ -272,15 +281,18 @@ class Qwen3VLProcessor:
         seqs, pats, grids = [], [], []
         for i, (messages, images) in enumerate(chats):
             name = names[i] if names is not None else f"chat {i}"
+            text = self.format_chat(messages, add_generation_prompt) + assistant_prefix  # its errors: no one chat's
             try:
-                ids, p, g = self.encode(self.format_chat(messages, add_generation_prompt) + assistant_prefix, images)
+                ids, p, g = self.encode(text, images)
             except ImageDecodeError as e:
-                raise ImageDecodeError(f"{name}: {e}") from None
+                raise InputError(f"{name}: {e}", index=i, kind=parsing.BAD_IMAGE) from None
+            except ValueError as e:
+                raise InputError(f"{name}: {e}", index=i) from None
             if len(ids) > max_length:
                 n_img = sum(t == self.image_token_id for t in ids)
-                raise ValueError(f"prompt too long: {name} is {len(ids)} tokens ({n_img} of them image tokens, "
+                raise InputError(f"prompt too long: {name} is {len(ids)} tokens ({n_img} of them image tokens, "
                                  f"{len(images)} images), more than the limit of {max_length}"
-                                 + (f" ({limit_note})" if limit_note else ""))
+                                 + (f" ({limit_note})" if limit_note else ""), index=i, kind=parsing.TOO_LONG)
             seqs.append(ids)
             pats.append(p)
             grids.append(g)

@@ -82,6 +82,12 @@ class ChatRequest:
                 return p.image
         return None
 
+    def label(self, index: int | None = None) -> str:
+        """How errors and failure reasons name this request: ``request 3 (pairwise, index=1,
+        order=rev)`` (``index``: its position in the batch a backend was given)."""
+        meta = "".join(f", {k}={v}" for k, v in self.meta.items())
+        return f"request{'' if index is None else f' {index}'} ({self.task}{meta})"
+
     @property
     def user_text(self) -> str:
         """The user turn with each image as ``<image ROLE>``."""

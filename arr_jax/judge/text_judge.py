@@ -20,10 +20,19 @@ backend call and combines them (SPEC §1.7). Unusable answers give a tie (winner
 instead of generating and parsing an answer; the winner is then the side with p > 0.5.
 ``PairwiseBatch.failures`` counts every parse status except ok / repaired (so ties and prose
 fallbacks are counted too); ``compare_with_status`` gives the per-pair statuses.
+
+One bad input never stops a batch: a backend reports a request it could not answer as a
+`parsing.FailedReply` (or, for ``p_first``, through ``p_first_status``); a backend that raises a
+ValueError (e.g. `arr_jax.judge.base.InputError`) for a batch is asked again one request at a
+time, and a request that still raises becomes a failure of kind ``InputError.kind`` (else
+"input_error") named in the pair's reason (and logged). A P(image 1) that is not finite is a
+"non_finite" failure. Failed pairs have winner 0, p 0.5, ``valid`` False; errors of the service
+itself (authentication, retries exhausted) still raise.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import Counter
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
@@ -34,6 +43,68 @@ from arr_jax.judge.base import PairwiseBatch, combine_orders, flip, winner_from_
 from arr_jax.judge.templates import TASK_DESCRIPTIONS, ChatRequest, TemplateSet
 
 MODES = ("pairwise", "pointwise", "listwise")
+log = logging.getLogger(__name__)
+
+
+def _input_failure(req: ChatRequest, index: int, err: Exception) -> parsing.FailedReply:
+    kind = getattr(err, "kind", parsing.INPUT_ERROR)
+    msg = str(err)
+    label = req.label(index)
+    reason = msg if msg.startswith("request") else f"{label}: {msg}"
+    log.warning("judge input failed (%s): %s", kind, reason)
+    return parsing.FailedReply("", kind, reason)
+
+
+def generate_isolated(backend: "TextBackend", requests: Sequence[ChatRequest]) -> list[str]:
+    """``backend.generate(requests)``, except that a ValueError for the batch (one bad input)
+    asks again one request at a time; a request that still raises becomes a `parsing.FailedReply`
+    naming it (kind from ``err.kind``, else "input_error")."""
+    requests = list(requests)
+    try:
+        return list(backend.generate(requests))
+    except ValueError as e:
+        if len(requests) == 1:
+            return [_input_failure(requests[0], 0, e)]
+    out: list[str] = []
+    for i, r in enumerate(requests):
+        try:
+            out += list(backend.generate([r]))
+        except ValueError as e:
+            out.append(_input_failure(r, i, e))
+    return out
+
+
+def p_first_isolated(backend, requests: Sequence[ChatRequest]) -> tuple[np.ndarray, list[str | None], list[str]]:
+    """``(p (N,) float64, status (None = ok), note)`` per request from the backend's
+    ``p_first_status`` (or ``p_first``, asked one request at a time after a ValueError for the
+    batch); a P(image 1) that is not finite is a `parsing.NON_FINITE` failure with p = 0.5."""
+    requests = list(requests)
+    n = len(requests)
+    status: list[str | None] = [None] * n
+    notes = [""] * n
+    detailed = getattr(backend, "p_first_status", None)
+    if callable(detailed):
+        p, st, nt = detailed(requests)
+        p = np.asarray(p, np.float64).reshape(n)
+        status, notes = list(st), list(nt)
+    else:
+        try:
+            p = np.asarray(backend.p_first(requests), np.float64).reshape(n)
+        except ValueError:
+            p = np.full(n, np.nan)
+            for i, r in enumerate(requests):
+                try:
+                    p[i] = float(np.asarray(backend.p_first([r]), np.float64).reshape(()))
+                except ValueError as e:
+                    f = _input_failure(r, i, e)
+                    status[i], notes[i] = f.status, f.reason
+    for i in range(n):
+        if status[i] is None and not (np.isfinite(p[i]) and 0.0 <= p[i] <= 1.0):
+            status[i] = parsing.NON_FINITE if not np.isfinite(p[i]) else parsing.BAD_VALUE
+            notes[i] = f"{requests[i].label(i)}: unusable P(image 1) = {p[i]}"
+            log.warning("judge score failed: %s", notes[i])
+    p = np.where([s is None for s in status], p, 0.5)
+    return p, status, notes
 
 
 @runtime_checkable
@@ -58,7 +129,7 @@ class CallableBackend:
             got = list(self.fn(chats[i:i + step]))
             if len(got) != len(chats[i:i + step]):
                 raise ValueError(f"backend {self.name} returned {len(got)} texts for {len(chats[i:i + step])} requests")
-            out += [str(t) for t in got]
+            out += [t if isinstance(t, str) else str(t) for t in got]  # a FailedReply keeps its status
         return out
 
 
@@ -154,6 +225,9 @@ class TextJudge:
         winner = np.zeros(b, np.int8)
         p = np.full(b, 0.5, np.float32)
         statuses, reasons = [], []
+        if len(texts) != (2 * b if self.mode == "pointwise" else b):
+            raise ValueError(f"backend {self.backend.name} returned {len(texts)} answers for "
+                             f"{2 * b if self.mode == 'pointwise' else b} requests")
         if self.mode == "pairwise":
             for i, t in enumerate(texts):
                 a = parsing.parse_pairwise(t)
@@ -183,20 +257,24 @@ class TextJudge:
                     winner[i] = 1 if a.ranks[0] < a.ranks[1] else 2
                     p[i] = 1.0 if winner[i] == 1 else 0.0
         fails = {k: v for k, v in Counter(statuses).items() if k not in (parsing.OK, parsing.REPAIRED)}
-        return PairwiseBatch(winner=winner, p_first=p, failures=fails, reasons=reasons), statuses
+        valid = np.array([s not in parsing.FAILURES for s in statuses], bool)
+        return PairwiseBatch(winner=winner, p_first=p, failures=fails, reasons=reasons, valid=valid), statuses
 
     def _run(self, reqs: list[ChatRequest], b: int, parts: int = 1) -> list[tuple[PairwiseBatch, list[str]]]:
         """One backend call for ``parts`` consecutive blocks of requests about B pairs each."""
         if self.choice_scores:
-            p = np.asarray(self.backend.p_first(reqs), np.float32).reshape(parts, b)
+            p_all, st_all, notes_all = p_first_isolated(self.backend, reqs)
             out = []
-            for q in p:
-                w = winner_from_p(q)
-                why = [f"P(Image 1 ranks first) = {x:.4f}" for x in q]
-                status = [parsing.OK if x else parsing.TIE for x in w]
-                out.append((PairwiseBatch(winner=w, p_first=q, reasons=why), status))
+            for k in range(parts):
+                q, st, notes = p_all[k * b:(k + 1) * b], st_all[k * b:(k + 1) * b], notes_all[k * b:(k + 1) * b]
+                valid = np.array([x is None for x in st], bool)
+                w = np.where(valid, winner_from_p(q), 0).astype(np.int8)
+                why = [f"P(Image 1 ranks first) = {x:.4f}" if ok else note for x, ok, note in zip(q, valid, notes)]
+                status = [x if x is not None else parsing.OK if wi else parsing.TIE for x, wi in zip(st, w)]
+                fails = {k: v for k, v in Counter(status).items() if k != parsing.OK}
+                out.append((PairwiseBatch(winner=w, p_first=q, reasons=why, failures=fails, valid=valid), status))
             return out
-        texts = self.backend.generate(reqs)
+        texts = generate_isolated(self.backend, reqs)
         n = len(reqs) // parts
         return [self._decode(texts[k * n:(k + 1) * n], b) for k in range(parts)]
 
@@ -230,7 +308,7 @@ class TextJudge:
         src = [None] * len(prompts) if sources is None else list(sources)
         reqs = [self._single(p, ims[i], src[i], self._fields(rubric, src[i] is not None), {"index": i})
                 for i, p in enumerate(prompts)]
-        out = [parsing.parse_pointwise(t) for t in self.backend.generate(reqs)]
+        out = [parsing.parse_pointwise(t) for t in generate_isolated(self.backend, reqs)]
         return np.array([np.nan if a.score is None else a.score for a in out], np.float32), [a.status for a in out]
 
     def rank(self, prompts, image_lists, rubric=None, sources=None):
@@ -240,7 +318,7 @@ class TextJudge:
         reqs = [self._list(p, as_images(image_lists[i]), src[i], self._fields(rubric, src[i] is not None),
                            {"index": i}) for i, p in enumerate(prompts)]
         answers = [parsing.parse_listwise(t, len(image_lists[i]))
-                   for i, t in enumerate(self.backend.generate(reqs))]
+                   for i, t in enumerate(generate_isolated(self.backend, reqs))]
         ranks = [a.ranks for a in answers]
         return ranks, [parsing.listwise_rewards(r, len(image_lists[i])) for i, r in enumerate(ranks)], \
             [a.status for a in answers]

@@ -22,25 +22,33 @@ generation prompt ends with.
 Fast pairwise path: `p_first(requests)` appends the answer's opening ``{"rank": [`` to the
 assistant turn of each pairwise request and reads, from one prefill (`Decoder.score_choices`),
 the log-probabilities of the next token being "1" (Image 1 ranks first) or "2";
-``P(image 1) = p("1") / (p("1") + p("2"))``. No decoding, no parsing; `TextJudge(...,
-choice_scores=True)` uses it.
+``P(image 1) = p("1") / (p("1") + p("2"))``, computed stably (`base.choice_probability`). No
+decoding, no parsing; `TextJudge(..., choice_scores=True)` uses it.
 
-A prompt that does not fit the context (prompt tokens + ``max_new_tokens``, or + 1 for
-`p_first`, over the text config's ``max_position_embeddings`` or ``max_length``) is a
-ValueError naming the request, its length and the limit; an image that cannot be decoded is an
-`arr_jax.judge.processor.ImageDecodeError` naming the request.
+One bad request never stops a batch: a request whose prompt does not fit the context (prompt
+tokens + ``max_new_tokens``, or + 1 for `p_first`, over the text config's
+``max_position_embeddings`` or ``max_length``: "too_long") or whose image cannot be decoded or
+used (e.g. a 4x1000 strip, over the aspect-ratio limit: "bad_image") is left out of its batch,
+which is processed without it; `generate` answers it with a `parsing.FailedReply` of that kind
+whose reason names the request, its length and the limit (or the image), `p_first` with NaN
+(`p_first_status` says why), and the failure is logged.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from arr_jax.judge.base import InputError, choice_probability
 from arr_jax.judge.decode import Decoder
+from arr_jax.judge.parsing import FailedReply
 from arr_jax.judge.processor import Qwen3VLProcessor
 from arr_jax.judge.templates import ChatRequest
+
+log = logging.getLogger(__name__)
 
 RANK_PREFIX = '{"rank": ['
 
@@ -103,9 +111,11 @@ class FlaxVLMBackend:
         return cls(model, processor, rules=rules, **kw)
 
     # -- batching ---------------------------------------------------------------------------
-    def _batches(self, requests: Sequence[ChatRequest], room: int, prefix: str) -> Iterator[tuple[list[int], dict]]:
+    def _batches(self, requests: Sequence[ChatRequest], room: int, prefix: str,
+                 failed: dict[int, InputError]) -> Iterator[tuple[list[int], dict]]:
         """(request indices, processor inputs padded to a static batch) per batch; ``room`` tokens
-        are kept free after every prompt."""
+        are kept free after every prompt. A request the processor refuses (`InputError`) goes
+        into ``failed`` (request index -> error) and its batch is processed without it."""
         chats = [r.to_chat() for r in requests]
 
         def size(i):
@@ -118,20 +128,33 @@ class FlaxVLMBackend:
         limit, where = self.decoder.context_limit
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            rows = _pow2_at_least(len(idx)) if len(idx) < self.batch_size else len(idx)
-            rows = min(rows, self.batch_size)
-            pad = idx + [idx[-1]] * (rows - len(idx))
-            names = [f"request {i} ({requests[i].task})" for i in pad]
-            inputs = self.processor([chats[i] for i in pad], assistant_prefix=prefix, max_length=limit - room,
-                                    limit_note=f"{limit}, {where}, minus {room} token(s) for the answer",
-                                    names=names, **self.buckets)
-            yield idx, inputs
+            while idx:
+                rows = _pow2_at_least(len(idx)) if len(idx) < self.batch_size else len(idx)
+                rows = min(rows, self.batch_size)
+                pad = idx + [idx[-1]] * (rows - len(idx))
+                names = [requests[i].label(i) for i in pad]
+                try:
+                    inputs = self.processor([chats[i] for i in pad], assistant_prefix=prefix, max_length=limit - room,
+                                            limit_note=f"{limit}, {where}, minus {room} token(s) for the answer",
+                                            names=names, **self.buckets)
+                except InputError as e:
+                    if e.index is None:
+                        raise
+                    bad = pad[e.index]
+                    failed[bad] = e
+                    log.warning("%s: %s (left out of its batch)", self.name, e)
+                    idx = [i for i in idx if i != bad]
+                    continue
+                yield idx, inputs
+                break
 
     # -- TextBackend ------------------------------------------------------------------------
     def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
-        """Decoded answers (special tokens dropped), in request order."""
+        """Decoded answers (special tokens dropped), in request order; a request that could not
+        be processed is a `FailedReply` (kind "too_long" / "bad_image" / "input_error")."""
         out: list[str] = [""] * len(requests)
-        for idx, inputs in self._batches(requests, self.max_new_tokens, ""):
+        failed: dict[int, InputError] = {}
+        for idx, inputs in self._batches(requests, self.max_new_tokens, "", failed):
             sample = max(requests[i].sample for i in idx)
             seed = self.seed + 1_000_003 * sample + sum(self.calls.values())
             toks, lengths = self.decoder.generate(
@@ -145,20 +168,39 @@ class FlaxVLMBackend:
                     n = min(n, int(cap))
                 out[i] = self.processor.decode(toks[row, :n])
                 self.calls[requests[i].task] += 1
+        for i, e in failed.items():
+            out[i] = FailedReply("", e.kind, str(e))
         return out
 
     # -- pairwise fast path -----------------------------------------------------------------
-    def choice_logprobs(self, requests: Sequence[ChatRequest]) -> np.ndarray:
-        """``(N, 2)`` log-probabilities of the answer continuing ``rank_prefix`` with "1" / "2"."""
-        out = np.zeros((len(requests), len(self.choice_ids)), np.float32)
-        for idx, inputs in self._batches(requests, 1, self.rank_prefix):
+    def _choice_logprobs(self, requests: Sequence[ChatRequest]) -> tuple[np.ndarray, dict[int, InputError]]:
+        out = np.full((len(requests), len(self.choice_ids)), np.nan, np.float32)
+        failed: dict[int, InputError] = {}
+        for idx, inputs in self._batches(requests, 1, self.rank_prefix, failed):
             lp = self.decoder.score_choices(inputs, self.choice_ids)
             out[idx] = lp[:len(idx)]
             self.calls["p_first"] += len(idx)
-        return out
+        return out, failed
+
+    def choice_logprobs(self, requests: Sequence[ChatRequest]) -> np.ndarray:
+        """``(N, 2)`` log-probabilities of the answer continuing ``rank_prefix`` with "1" / "2";
+        NaN rows for requests that could not be processed."""
+        return self._choice_logprobs(requests)[0]
+
+    def p_first_status(self, requests: Sequence[ChatRequest]) -> tuple[np.ndarray, list[str | None], list[str]]:
+        """``(p (N,) float32, status, note)``: P(Image 1 ranks first) per pairwise request (see
+        `p_first`); ``status[i]`` None when it was scored, else the failure kind of a request that
+        could not be processed (p NaN), with ``note[i]`` naming it. A NaN or infinite p of a
+        scored request is left for the caller to count (`text_judge.p_first_isolated`)."""
+        lp, failed = self._choice_logprobs(requests)
+        p = choice_probability(lp[:, 0], lp[:, 1]).astype(np.float32)
+        status = [failed[i].kind if i in failed else None for i in range(len(requests))]
+        notes = [str(failed[i]) if i in failed else "" for i in range(len(requests))]
+        return p, status, notes
 
     def p_first(self, requests: Sequence[ChatRequest]) -> np.ndarray:
         """``(N,)`` float32 P(Image 1 ranks first) for pairwise requests, from one prefill each:
-        the two candidates' probabilities renormalised, ``sigmoid(logp("1") - logp("2"))``."""
-        lp = self.choice_logprobs(requests).astype(np.float64)
-        return (1.0 / (1.0 + np.exp(lp[:, 1] - lp[:, 0]))).astype(np.float32)
+        the two candidates' probabilities renormalised, ``p("1") / (p("1") + p("2"))`` by
+        log-sum-exp (`base.choice_probability`); NaN where undefined (both log-probs -inf) or
+        where the request could not be processed (`p_first_status` says why)."""
+        return self.p_first_status(requests)[0]

@@ -306,10 +306,12 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
 
 
 def judge_failures(m: dict) -> float:
-    """Pairs whose judgement failed in metrics ``m`` (ties and prose fallbacks are outcomes, not failures)."""
-    from arr_jax.judge.parsing import TIE, USABLE
+    """Pairs of metrics ``m`` whose judgement failed for the run's cap (`arr_jax.judge.parsing.RUN_ERRORS`:
+    unreadable inputs, failed or truncated replies, non-finite scores). Ties, prose fallbacks and
+    unparseable answers are outcomes of the judge, scored as ties, not failures of the run."""
+    from arr_jax.judge.parsing import RUN_ERRORS
 
-    return sum(v for k, v in m.items() if k.startswith("judge_failures/") and k.split("/", 1)[1] not in USABLE + (TIE,))
+    return sum(v for k, v in m.items() if k.startswith("judge_failures/") and k.split("/", 1)[1] in RUN_ERRORS)
 
 
 def _postfix(m: dict, history: list[dict]) -> dict:

@@ -281,12 +281,14 @@ class WorldJudge:
         p_first = np.full(b, 0.5, np.float32)
         failures = {"parse_error": 0}
         reasons = []
+        valid = np.ones(b, bool)
         for i, text in enumerate(prompts):
             try:
                 p = spec.parse_prompt(text)
             except ValueError as e:
                 failures["parse_error"] += 1
-                reasons.append(f"unparseable prompt: {e}")
+                reasons.append(f"pair {i}: unparseable prompt: {e}")
+                valid[i] = False
                 continue
             v1 = self.verdicts(p, self.describe(images1[i]))
             v2 = self.verdicts(p, self.describe(images2[i]))
@@ -303,4 +305,4 @@ class WorldJudge:
             reasons.append(f"image 1 {n1}/{len(self.reward_criteria)} (fails {', '.join(fails(v1))}); "
                            f"image 2 {n2}/{len(self.reward_criteria)} (fails {', '.join(fails(v2))})")
         return PairwiseBatch(winner=winner, p_first=p_first, criteria=crit,
-                             failures=failures, reasons=reasons)
+                             failures=failures, reasons=reasons, valid=valid)
