@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from arr_jax import evaluate as evaluate_main
-from arr_jax import induce as induce_main
+from arr_jax.arr.induction import induce_from_config
+from arr_jax.data.pairs import make_pairs
 from arr_jax.arr.rubric_file import RubricFile, load_rubric_text
 from arr_jax.data import converters
 from arr_jax.data.preference_tfds import JsonlPairs, build_preference, load_preference, read_image
@@ -36,14 +37,14 @@ def induced(tmp_path_factory):
     cfg = config("induce_world", "tiny")
     cfg.workdir = str(tmp_path_factory.mktemp("arr") / "induce")
     cfg.progress = False
-    rf = induce_main.run(cfg)
+    rf = induce_from_config(cfg)
     return cfg, rf
 
 
 def test_induction_on_50_world_pairs(induced):
     cfg, rf = induced
     assert cfg.data.n_pairs == 50 and cfg.induction.k == 2 and cfg.data.label_noise == 0.1
-    pairs = induce_main.make_pairs(cfg.data)
+    pairs = make_pairs(cfg.data)
     truth = {}
     for p in pairs:
         truth[p.id] = ("discarded" if p.meta["noisy"]
@@ -72,7 +73,7 @@ def test_evaluation_on_500_heldout_pairs(induced, tmp_path):
     cfg.progress = False
     rep = evaluate_main.run(cfg)
     assert rep["n_pairs"] == 500
-    assert not {p.prompt for p in induce_main.make_pairs(cfg.data)} & {p.text for p in spec.TRAIN_PROMPTS}
+    assert not {p.prompt for p in make_pairs(cfg.data)} & {p.text for p in spec.TRAIN_PROMPTS}
     d, r = rep["conditions"]["direct"]["overall"], rep["conditions"]["rubric"]["overall"]
     # direct: colour/shape only, undecided pairs go to Image 1 -> a large positional gap
     assert d["acc_fwd"] >= 0.97 and d["acc_rev"] <= 0.65 and d["delta"] >= 0.3

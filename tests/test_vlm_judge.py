@@ -111,7 +111,7 @@ Theme 2: Composition
 
 def test_induction_and_evaluation_through_entry_points(tmp_path):
     from arr_jax import evaluate as evaluate_main
-    from arr_jax import induce as induce_main
+    from arr_jax.arr.induction import induce_from_config
     from arr_jax.judge import parsing
 
     # induction on 50 labelled world pairs: the random model's rubrics never parse, so every pair is
@@ -121,7 +121,7 @@ def test_induction_and_evaluation_through_entry_points(tmp_path):
     ic.data.n_pairs, ic.data.label_noise = 50, 0.0
     ic.induction.k, ic.induction.t_max, ic.induction.batch_pairs = 2, 1, 25
     with pytest.raises(RuntimeError, match="every one of the 50 pairs was discarded"):
-        induce_main.run(ic)
+        induce_from_config(ic)
     journal = [json.loads(x) for x in (Path(ic.workdir) / "journal.jsonl").read_text().splitlines()[1:]]
     assert len(journal) == 50 and all(r["status"] == "discarded" for r in journal)
     for r in journal:

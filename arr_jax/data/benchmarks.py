@@ -177,10 +177,9 @@ def _save_png(image: np.ndarray, path: Path) -> Path:
 
 def _png_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image file, from its header."""
-    from PIL import Image
+    from arr_jax.data.images import image_size
 
-    with Image.open(path) as im:
-        return im.size
+    return image_size(path)
 
 
 def noise_seed(seed: int, prompt: str, k: int) -> int:

@@ -237,3 +237,14 @@ def _from_array(a: np.ndarray, what: str) -> np.ndarray:
     if u8.shape[-1] == 4:
         return _from_pil(Image.fromarray(u8, "RGBA"), what)
     return u8.copy() if u8 is a else u8
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header only; `ImageDecodeError` names the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise ImageDecodeError(f"could not read the size of image file {path}: {e}") from None

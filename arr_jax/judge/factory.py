@@ -109,7 +109,7 @@ def build_judge(jc, *, rules=None, workdir: str | Path | None = None):
 
         if rubric or jc.prompt_rubrics != "off":
             log.warning("judge.kind 'world_programmatic' checks the world's criteria itself and ignores rubrics")
-        return RubricJudge(WorldJudge(), identity={"kind": jc.kind, "model": "world-programmatic"})
+        return RubricJudge(WorldJudge(), identity={"kind": jc.kind, "model": "world-programmatic"}, host_only=True)
     backend_cfg = _backend_section(jc)
     backend = make_backend(backend_cfg, rules=rules)
     choice = bool(jc.choice_scores) and jc.kind == "qwen3_vl"
@@ -128,7 +128,7 @@ def build_judge(jc, *, rules=None, workdir: str | Path | None = None):
         log.warning("judge %s: no rubric file (judge.rubric is empty): judging directly, the paper's baseline",
                     judge.name)
     return RubricJudge(judge, rubric=rubric, rubric_path=jc.rubric or None, prompt_rubrics=prompt_rubrics,
-                       identity=identity)
+                       identity=identity, host_only=jc.kind in ("world", "api"))
 
 
 def judge_config(**overrides):

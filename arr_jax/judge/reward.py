@@ -145,11 +145,15 @@ class RubricJudge:
       rubric_path:    where it came from (for metadata and messages).
       prompt_rubrics: a `PromptRubrics`, or None (the rubric file alone).
       identity:       judge facts for metadata, e.g. ``{"kind": "qwen3_vl", "model": "/ckpt"}``.
+      host_only:      the judge runs no JAX programs (an API, the world's checks), so the trainer
+                      may call it from a thread while the devices roll out the next micro-batch.
     """
 
     def __init__(self, judge, *, rubric: str | None = None, rubric_path: str | None = None,
-                 prompt_rubrics: PromptRubrics | None = None, identity: dict | None = None):
+                 prompt_rubrics: PromptRubrics | None = None, identity: dict | None = None,
+                 host_only: bool = False):
         self.judge = judge
+        self.host_only = bool(host_only)
         self.rubric = rubric if rubric else None
         self.prompt_rubrics = prompt_rubrics
         self.name = getattr(judge, "name", type(judge).__name__)

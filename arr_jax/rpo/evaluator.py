@@ -115,10 +115,9 @@ class Evaluator:
         if self.outdir is not None and self.grid_prompts and is_main():
             path = self.save_grid(base, cur, local, iteration)
             if writer is not None:
-                from PIL import Image
+                from arr_jax.data.images import to_rgb_uint8
 
-                with Image.open(path) as im:
-                    writer.add_image("eval/grid", np.asarray(im)[..., :3], iteration, dataformats="HWC")
+                writer.add_image("eval/grid", to_rgb_uint8(path), iteration, dataformats="HWC")
         return out
 
     def save_grid(self, base: np.ndarray, cur: np.ndarray, local: np.ndarray, iteration: int) -> Path:

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arr_jax.diffusion.schedule import rollout_sigmas
+from arr_jax.judge.base import PairwiseBatch, concat
 from arr_jax.multihost import from_host_local, local_rows, sum_over_processes, to_host_local, union_keys
 from arr_jax.policies.base import Policy, PromptItem, as_items
 from arr_jax.rpo.programs import LossConfig, PolicyPrograms, make_optimizer
@@ -188,7 +189,7 @@ class RPOTrainer:
         self.ref_trainable = (jax.tree.map(jnp.zeros_like, tr) if self.mode == "lora"
                               else jax.tree.map(jnp.copy, tr))
         self.tx = make_optimizer(settings.learning_rate, settings.weight_decay, grad_clip=settings.grad_clip)
-        self.opt_state = jax.jit(self.tx.init)(tr)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(tr))(tr)
         self.sigmas = rollout_sigmas(settings.num_steps, settings.time_shift)
         loss = LossConfig(clip_eps=settings.clip_eps, kl_beta=settings.kl_beta, kl_type=settings.kl_type,
                           eta=settings.eta, sde_kind=settings.sde_kind, quantize_t=settings.quantize_t)
@@ -196,6 +197,7 @@ class RPOTrainer:
         # images come out sharded like the batch, so each process reads back its own rows only
         self._decode = jax.jit(policy.decode_fn, out_shardings=self._sharding(4))
         self._noise_fns: dict = {}
+        self._judge_pool = None
         self.key = jax.random.key(seed)
         self.iteration = 0
         self.counters = {"nonfinite_updates": 0}
@@ -252,6 +254,20 @@ class RPOTrainer:
             fn = self._noise_fns[(n, shared)] = jax.jit(make, out_shardings=sh)
         return fn(key)
 
+    def _opt_shardings(self, trainable):
+        """Optimiser-state shardings: moments like their parameter, counters replicated over the mesh
+        (so a restored state is placed exactly like a fresh one). None without a mesh."""
+        if self.rules is None or self.rules.mesh is None:
+            return None
+        by_path = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+        replicated = NamedSharding(self.rules.mesh, P())
+
+        def pick(path, leaf):
+            key = jax.tree_util.keystr(path)
+            return next((sh for p, sh in by_path.items() if key.endswith(p)), replicated)
+
+        return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(self.tx.init, trainable))
+
     def _replicated(self, x):
         """``x`` on every device of the mesh (a global array every process can save), as is without one."""
         if self.rules is None or self.rules.mesh is None:
@@ -287,11 +303,14 @@ class RPOTrainer:
         mb = self.s.micro_batch
         return np.concatenate([(m * mb + self.rows[0::2]) // 2 for m in range(2 * n_pairs // mb)])
 
-    def rollout(self, prompts: Sequence[PromptItem | str], key: jax.Array, trainable=None) -> RolloutBatch:
+    def rollout(self, prompts: Sequence[PromptItem | str], key: jax.Array, trainable=None,
+                on_decoded=None) -> RolloutBatch:
         """Two SDE samples per prompt with the current policy (or ``trainable``), decoded for the judge.
 
         ``prompts`` are the iteration's P prompts (the same list on every process). Each process
         encodes, decodes and keeps the images of its own pairs only (`local_pairs`).
+        ``on_decoded(items, images)`` is called after each micro-batch reaches the host, with that
+        micro-batch's local pairs and their images (2 per pair).
         """
         s = self.s
         items = as_items(prompts)
@@ -310,18 +329,24 @@ class RPOTrainer:
             conds.append(jax.tree.map(lambda c: self._from_local(c, 0, mb), cond))
         t1 = time.perf_counter()
         lat, logp, x0s = [], [], []
-        for m in range(M):
+        for m in range(M):  # dispatched asynchronously: the devices run ahead of the host loop below
             traj = self.programs.rollout(tr, self.frozen, conds[m], self._noise(jax.random.fold_in(k_noise, m), mb,
                                                                                 s.shared_noise),
                                          jax.random.fold_in(k_sde, m), self.sigmas)
             lat.append(traj.latents)
             logp.append(traj.log_probs)
             x0s.append(traj.x0)
-        jax.block_until_ready(x0s)
-        t2 = time.perf_counter()
-        images = np.concatenate([to_host_local(self._decode(self.policy.decode_params, x))[1] for x in x0s], axis=0)
+        images, t_decode = [], 0.0
+        for m, x in enumerate(x0s):
+            jax.block_until_ready(x)
+            td = time.perf_counter()
+            images.append(to_host_local(self._decode(self.policy.decode_params, x))[1])
+            t_decode += time.perf_counter() - td
+            if on_decoded is not None:  # e.g. hand micro-batch m to the judge while m+1 still rolls out
+                on_decoded([items[j] for j in (m * mb + self.rows[0::2]) // 2], images[-1])
+        images = np.concatenate(images, axis=0)
         t3 = time.perf_counter()
-        self.timing.update({"encode": t1 - t0, "rollout": t2 - t1, "decode": t3 - t2})
+        self.timing.update({"encode": t1 - t0, "rollout": t3 - t1 - t_decode, "decode": t_decode})
         cond = jax.tree.map(lambda *cs: jnp.stack(cs), *conds)
         return RolloutBatch(items=[items[j] for j in self.local_pairs(n_pairs)], latents=jnp.stack(lat),
                             logp_old=jnp.stack(logp), cond=cond, images=images)
@@ -329,8 +354,15 @@ class RPOTrainer:
     def judge_batch(self, batch: RolloutBatch) -> tuple[np.ndarray, dict]:
         """Judge this process's pairs under the run's rubric; returns their advantages (2 x local
         pairs,) and judge metrics summed over processes (rates over all pairs)."""
-        imgs = batch.images
-        res = self.judge.compare(batch.items, imgs[0::2], imgs[1::2])
+        return self._rewards(self._judge_pairs(batch.items, batch.images))
+
+    def _judge_pairs(self, items, images) -> PairwiseBatch:
+        t0 = time.perf_counter()
+        res = self.judge.compare(items, images[0::2], images[1::2])
+        self.timing["judge_busy"] = self.timing.get("judge_busy", 0.0) + time.perf_counter() - t0
+        return res
+
+    def _rewards(self, res: PairwiseBatch) -> tuple[np.ndarray, dict]:
         rewards = pair_rewards(res.winner, self.s.win_reward, self.s.lose_penalty)
         sums = {"n": float(len(res.winner)), "reward": float(rewards.sum()), "tie": float(np.sum(res.winner == 0)),
                 "p_first": float(np.sum(res.p_first))}
@@ -449,16 +481,29 @@ class RPOTrainer:
         self.timing = {}
         t0 = time.perf_counter()
         key = jax.random.fold_in(self.key, self.iteration)
-        batch = self.rollout(prompts, key)
-        t1 = time.perf_counter()
-        adv, jm = self.judge_batch(batch)
-        self.timing["judge"] = time.perf_counter() - t1
+        if getattr(self.judge, "host_only", False):
+            # A judge that runs on the host (an API, the world's checks) judges micro-batch m in a
+            # thread while m+1 rolls out and decodes; every reward is in before the update.
+            if self._judge_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._judge_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+            futures = []
+            batch = self.rollout(prompts, key, on_decoded=lambda items, imgs: futures.append(
+                self._judge_pool.submit(self._judge_pairs, items, imgs)))
+            t1 = time.perf_counter()
+            adv, jm = self._rewards(concat([f.result() for f in futures]))
+        else:
+            batch = self.rollout(prompts, key)
+            t1 = time.perf_counter()
+            adv, jm = self.judge_batch(batch)
+        self.timing["judge"] = time.perf_counter() - t1  # what the iteration waited for the judge
         rng = np.random.default_rng(int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
         um = self.update(batch, adv, rng)
         self.iteration += 1
         out = {**jm, **um, **{f"time/{k}": v for k, v in self.timing.items()},
                "time/iteration": time.perf_counter() - t0}
-        out.update(self._throughput(len(batch.items)))
+        out.update(self._throughput(len(as_items(prompts))))
         return out
 
     def _throughput(self, n_pairs: int) -> dict:
@@ -467,8 +512,8 @@ class RPOTrainer:
         out = {}
         if t.get("rollout", 0) + t.get("decode", 0) > 0:
             out["throughput/images_per_s"] = 2 * n_pairs / (t.get("rollout", 0) + t.get("decode", 0))
-        if t.get("judge", 0) > 0:
-            out["throughput/judge_decisions_per_s"] = n_pairs / t["judge"]
+        if t.get("judge_busy", 0) > 0:
+            out["throughput/judge_decisions_per_s"] = n_pairs / t["judge_busy"]
         if t.get("update", 0) > 0:
             out["throughput/update_sample_steps_per_s"] = sample_steps / t["update"]
         return out
