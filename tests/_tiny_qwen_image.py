@@ -174,11 +174,12 @@ def small_areas(vae_area: int = VAE_AREA, cond_area: int = COND_AREA):
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 
-    saved = (plus.VAE_IMAGE_SIZE, plus.CONDITION_IMAGE_SIZE, edit.calculate_dimensions)
-    orig = edit.calculate_dimensions
+    saved = (plus.VAE_IMAGE_SIZE, plus.CONDITION_IMAGE_SIZE, edit.calculate_dimensions, plus.calculate_dimensions)
     plus.VAE_IMAGE_SIZE, plus.CONDITION_IMAGE_SIZE = vae_area, cond_area
-    edit.calculate_dimensions = lambda area, ratio: orig(vae_area if area == 1024 * 1024 else area, ratio)
+    for mod, orig in ((edit, saved[2]), (plus, saved[3])):  # the target size uses a literal 1024 * 1024
+        mod.calculate_dimensions = (lambda o: lambda area, ratio: o(vae_area if area == 1024 * 1024 else area,
+                                                                    ratio))(orig)
     try:
         yield
     finally:
-        plus.VAE_IMAGE_SIZE, plus.CONDITION_IMAGE_SIZE, edit.calculate_dimensions = saved
+        plus.VAE_IMAGE_SIZE, plus.CONDITION_IMAGE_SIZE, edit.calculate_dimensions, plus.calculate_dimensions = saved
