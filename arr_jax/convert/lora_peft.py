@@ -1,4 +1,6 @@
-"""LoRA adapters of a `FluxTransformer` <-> diffusers / PEFT safetensors files.
+"""LoRA adapters of a `FluxTransformer` or `QwenImageTransformer` <-> diffusers / PEFT safetensors files.
+
+Any model whose module names mirror diffusers works: the file names each adapted Linear by its path.
 
 Our adapted Linear computes ``x W + (alpha/r) (x A) B`` with A (in, r), B (r, out). PEFT stores
 ``lora_A.weight`` = A^T (r, in) and ``lora_B.weight`` = B^T (out, r) under the diffusers module
