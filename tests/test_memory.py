@@ -75,6 +75,43 @@ def test_cli_prints_table_and_json(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "v6e-8" in res.stdout and "fsdp+tp2" in res.stdout
     rows = json.loads(out.read_text())["rows"]
-    fit = {(r["topology"], r["rules"]): r["fits"] for r in rows}
-    assert fit[("v6e-8", "fsdp")] is True
-    assert fit[("tiny", "fsdp")] is False  # 2 devices x 8 GB cannot hold 35 GB of weights
+    fit = {(r["model"], r["topology"], r["rules"]): r["fits"] for r in rows}
+    assert fit[("flux_dev", "v6e-8", "fsdp")] is True
+    assert fit[("flux_dev", "tiny", "fsdp")] is False  # 2 devices x 8 GB cannot hold 35 GB of weights
+    # the paper's editing batch (Qwen-Image-Edit-2509: 20B + 7B) fits on v6e-8, not on 2 x 8 GB
+    assert "Qwen-Image-Edit-2509" in res.stdout
+    assert fit[("qwen_image_edit", "v6e-8", "fsdp")] is True
+    assert fit[("qwen_image_edit", "tiny", "fsdp")] is False
+
+
+@pytest.mark.parity
+def test_qwen_image_edit_sizes_match_the_reference_classes():
+    """Our abstract Qwen-Image-Edit-2509 models have exactly the parameters of diffusers' transformer,
+    transformers' Qwen2.5-VL-7B (minus the LM head, never used) and diffusers' VAE (minus what a still
+    image never meets: the temporal convolutions and all but one temporal tap), all built full size
+    on torch's meta device."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    wl = Workload.qwen_image_edit()
+    models = abstract_models(wl)
+    ours = {m: sum(math.prod(s) * c for s, _, _, c in models[m]) for m in ("transformer", "text_encoder", "vae")}
+    with torch.device("meta"):
+        dit = diffusers.QwenImageTransformer2DModel()
+        vae = diffusers.AutoencoderKLQwenImage()
+        text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                             num_key_value_heads=4, vocab_size=152064),
+            vision_config=dict(hidden_size=1280, out_hidden_size=3584)))
+    n = lambda m, skip=(): sum(p.numel() for k, p in m.named_parameters() if not any(x in k for x in skip))  # noqa: E731
+    assert ours["transformer"] == n(dit) == 20_430_401_088
+    assert ours["text_encoder"] == n(text, ("lm_head",))
+    # the VAE keeps only the last temporal tap of each causal 3-D kernel
+    assert ours["vae"] == sum(p.numel() // (p.shape[2] if p.ndim == 5 else 1) for k, p in vae.named_parameters()
+                              if "time_conv" not in k)
+    lora = sum(math.prod(s) * c for s, _, _, c in models["lora"])
+    assert lora == 60 * 8 * 32 * (3072 + 3072)  # r32 on q, k, v, out and the text stream's four
+    row = plan({"v6e-8": Topology("v6e-8", 8, 32e9)}, wl, models=models)[0]
+    assert row["model"] == "qwen_image_edit" and row["fits"]
+    assert row["per_model"]["transformer"] < 1.01 * row["total_params"]["transformer"] / 8
