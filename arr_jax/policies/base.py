@@ -64,7 +64,8 @@ class Policy:
     identity:      JSON-able facts that fix the network (snapshot path, config): checked on
                    resume and written into checkpoint and LoRA metadata.
     is_editing:    prompts carry source images; the judge sees them as Image BASE.
-    release:       optional ``release()`` freeing encoders once every prompt is cached.
+    precompute:    optional ``precompute(items)``: encode (and cache) every prompt of the run up
+                   front, freeing encoders that are no longer needed.
     """
 
     kind: str
@@ -77,5 +78,5 @@ class Policy:
     export_lora: Callable[[nnx.Module, str | Path, dict], None] | None = None
     identity: dict = dataclasses.field(default_factory=dict)
     is_editing: bool = False
-    release: Callable[[], None] | None = None
+    precompute: Callable[[Sequence[PromptItem]], None] | None = None
     info: dict = dataclasses.field(default_factory=dict)
