@@ -85,9 +85,6 @@ def run(cfg) -> list[Path]:
 
     from arr_jax.diffusion.flux_pipeline import to_uint8
 
-    if cfg.kind in QWEN_KINDS:
-        return run_qwen_image(cfg)
-
     if not cfg.model_dir:
         raise ValueError("set --config.model_dir to a diffusers FLUX snapshot directory")
     prompts = read_lines(cfg.prompts_file, "prompts_file")
@@ -274,7 +271,8 @@ def run_qwen_image(cfg) -> list[Path]:
 def main(argv) -> None:
     from arr_jax.cli import config_from_flags
 
-    run(config_from_flags())
+    cfg = config_from_flags()
+    (run_qwen_image if cfg.kind in QWEN_KINDS else run)(cfg)
 
 
 if __name__ == "__main__":

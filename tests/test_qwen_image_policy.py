@@ -1,6 +1,7 @@
 """The ``qwen_image_edit`` policy kind and ``python -m arr_jax.sample`` for Qwen-Image on tiny random
 snapshots: encode / apply / decode against the parity-tested pipeline, precompute and release,
-LoRA export, sampling from a JSONL of (prompt, sources), bad inputs."""
+sampling from a JSONL of (prompt, sources), bad inputs. (RPO through ``python -m arr_jax.train`` and
+the policy's LoRA export: tests/test_qwen_image_train.py.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -96,8 +97,7 @@ def test_policy_functions_reproduce_the_pipeline(dirs, kind):
 
 
 @pytest.mark.parity
-def test_precompute_release_export_and_bad_items(dirs, tmp_path):
-    from arr_jax.convert.lora_peft import lora_config_from_file, read_run_metadata
+def test_precompute_release_and_bad_items(dirs):
     from arr_jax.policies import build_policy
 
     policy = build_policy(_cfg(dirs))
@@ -113,8 +113,6 @@ def test_precompute_release_export_and_bad_items(dirs, tmp_path):
         policy.encode_fn([PromptItem("x", origin="t:0")])
     with pytest.raises(ValueError, match=r"source image is \(16, 32, 3\), the policy needs \(32, 32, 3\)"):
         policy.encode_fn([PromptItem("x", source=np.zeros((16, 32, 3), np.uint8))])
-    path = policy.export_lora(policy.model, tmp_path / "lora.safetensors", {"iteration": 1})
-    assert lora_config_from_file(path).rank == 2 and read_run_metadata(path)["iteration"] == 1
     short = build_policy(_cfg(dirs, qwen__text_len=16))
     with pytest.raises(ValueError, match=r"t:0 gives \d+ text states .*more than qwen.text_len=16"):
         short.encode_fn(_items(1))
@@ -151,7 +149,7 @@ def test_sample_entry_point_writes_edits(dirs, tmp_path):
     jobs = _write_jobs(tmp_path, [{"prompt": "make the sky green", "source": "img/a.png"},
                                   {"prompt": "put picture 2 into picture 1", "source": ["img/a.png", "img/b.png"]}])
     cfg = _cfg(dirs, prompts_file=str(jobs), outdir=str(tmp_path / "out"))
-    written = sample.run(cfg)
+    written = sample.run_qwen_image(cfg)
     assert sorted(p.name for p in written) == ["00000_s0.png", "00001_s0.png"]  # sizes differ: no grid
     index = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert len(index["00001_s0.png"]["sources"]) == 2
@@ -166,18 +164,18 @@ def test_sample_bad_inputs_are_named(dirs, tmp_path):
 
     many = _write_jobs(tmp_path, [{"prompt": "x", "source": ["img/a.png"] * 4}])
     with pytest.raises(ValueError, match=r"prompt 1 .* has 4 source images, but Qwen-Image-Edit-2509 takes at most 3"):
-        sample.run(_cfg(dirs, prompts_file=str(many)))
+        sample.run_qwen_image(_cfg(dirs, prompts_file=str(many)))
     odd = _write_jobs(tmp_path, [{"prompt": "x", "source": "img/odd.png"}])
     with pytest.raises(ValueError, match=r"source image .*odd\.png size 30x32 .*not divisible by 16"):
-        sample.run(_cfg(dirs, prompts_file=str(odd), qwen__vae_area=0))
+        sample.run_qwen_image(_cfg(dirs, prompts_file=str(odd), qwen__vae_area=0))
     with pytest.raises(SnapshotError, match="holds a Qwen-Image pipeline, but kind 'qwen_image_edit' needs"):
-        sample.run(_cfg(dirs, "t2i", prompts_file=str(odd)))
+        sample.run_qwen_image(_cfg(dirs, "t2i", prompts_file=str(odd)))
     nosrc = _write_jobs(tmp_path, [{"prompt": "x"}])
     with pytest.raises(ValueError, match=r"edits\.jsonl:1: no 'source' image"):
-        sample.run(_cfg(dirs, prompts_file=str(nosrc)))
+        sample.run_qwen_image(_cfg(dirs, prompts_file=str(nosrc)))
     missing = _write_jobs(tmp_path, [{"prompt": "x", "source": "img/nope.png"}])
     with pytest.raises(FileNotFoundError, match=r"edits\.jsonl:1: source image .*nope\.png does not exist"):
-        sample.run(_cfg(dirs, prompts_file=str(missing)))
+        sample.run_qwen_image(_cfg(dirs, prompts_file=str(missing)))
 
 
 @pytest.mark.parity
@@ -187,5 +185,5 @@ def test_sample_text_to_image(dirs, tmp_path):
     (tmp_path / "p.txt").write_text("a red cat on the blue sofa\nmake the sky green\n")
     cfg = _cfg(dirs, "t2i", kind="qwen_image", prompts_file=str(tmp_path / "p.txt"), outdir=str(tmp_path / "out"),
                sample__height=32, sample__width=48, sample__batch_size=2)
-    names = sorted(p.name for p in sample.run(cfg))
+    names = sorted(p.name for p in sample.run_qwen_image(cfg))
     assert names == ["00000_s0.png", "00001_s0.png", "grid.png"]

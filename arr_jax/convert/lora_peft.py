@@ -1,6 +1,4 @@
-"""LoRA adapters of a `FluxTransformer` or `QwenImageTransformer` <-> diffusers / PEFT safetensors files.
-
-Any model whose module names mirror diffusers works: the file names each adapted Linear by its path.
+"""LoRA adapters of a `FluxTransformer` <-> diffusers / PEFT safetensors files.
 
 Our adapted Linear computes ``x W + (alpha/r) (x A) B`` with A (in, r), B (r, out). PEFT stores
 ``lora_A.weight`` = A^T (r, in) and ``lora_B.weight`` = B^T (out, r) under the diffusers module
@@ -77,41 +75,19 @@ def lora_state_dict(model: nnx.Module, *, prefix: str = "transformer", alpha_for
     return tensors, metadata
 
 
-RUN_METADATA_KEY = "arr_jax_run"  # our run facts (rubric sha256, RPO settings), JSON, beside PEFT's own keys
-
-
 def save_peft_lora(model: nnx.Module, path: str | Path, *, prefix: str = "transformer", alpha_format: str = "bake",
-                   dtype: Any = np.float32, metadata: dict | None = None) -> Path:
+                   dtype: Any = np.float32) -> Path:
     """Write the adapters to ``path`` (a ``.safetensors`` file, or a directory that gets
-    ``pytorch_lora_weights.safetensors``, the name ``load_lora_weights(dir)`` looks for).
-
-    ``metadata`` (JSON-able) is stored under the safetensors metadata key ``arr_jax_run``
-    (read it back with `read_run_metadata`); loaders that do not know the key ignore it. The
-    file is written to a temporary name and renamed, so a killed run never leaves half a file.
-    """
+    ``pytorch_lora_weights.safetensors``, the name ``load_lora_weights(dir)`` looks for)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         path = path / "pytorch_lora_weights.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors, meta = lora_state_dict(model, prefix=prefix, alpha_format=alpha_format, dtype=dtype)
-    if metadata:
-        meta[RUN_METADATA_KEY] = json.dumps(metadata, sort_keys=True, default=str)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    tensors, metadata = lora_state_dict(model, prefix=prefix, alpha_format=alpha_format, dtype=dtype)
+    save_file(tensors, str(path), metadata=metadata)
     return path
-
-
-def read_run_metadata(path: str | Path) -> dict:
-    """The ``metadata`` a LoRA file was saved with by `save_peft_lora` ({} when none)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        raw = (f.metadata() or {}).get(RUN_METADATA_KEY)
-    return json.loads(raw) if raw else {}
 
 
 def _read(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -37,8 +38,7 @@ import numpy as np
 from flax import nnx
 
 from arr_jax.nn.attention import Attention
-from arr_jax.nn.layers import (AdaLayerNormContinuous, FeedForward, Linear, MLPEmbedder, RMSNorm, layer_norm,
-                               timestep_embedding)
+from arr_jax.nn.layers import AdaLayerNormContinuous, FeedForward, Linear, MLPEmbedder, RMSNorm, layer_norm
 from arr_jax.nn.lora import LoRAConfig, apply_lora
 from arr_jax.sharding import ShardingRules, param_shardings, shard
 
@@ -158,14 +158,29 @@ def _kw(cfg: QwenImageConfig, rngs: nnx.Rngs) -> dict:
     return dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
 
 
+def timestep_proj(sigma: jax.Array, dim: int = 256) -> jax.Array:
+    """diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)``: (B,) -> (B, dim)
+    float32 ``[cos, sin]`` of ``1000 * (sigma * freq_i)``, ``freq_i = exp(-ln(10^4) i / (dim / 2))``.
+
+    The frequencies are made on the host, the exponent rounded to float32 step by step as diffusers
+    computes it and the exponential taken in float64 and rounded once (a float32 ``exp`` on the
+    device can be an ulp off); the scale multiplies the angles afterwards, as diffusers does.
+    """
+    half = dim // 2
+    e = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(e.astype(np.float64)).astype(np.float32)
+    args = 1000.0 * (sigma.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :])
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
 class QwenTimestepProjEmbeddings(nnx.Module):
-    """sigma (B,) -> sinusoid(256, angles x 1000, cos first) -> ``timestep_embedder`` MLP -> (B, D)."""
+    """sigma (B,) -> `timestep_proj` (256) -> ``timestep_embedder`` MLP -> (B, D)."""
 
     def __init__(self, cfg: QwenImageConfig, *, rngs: nnx.Rngs):
         self.timestep_embedder = MLPEmbedder(256, cfg.inner_dim, **_kw(cfg, rngs))
 
     def __call__(self, sigma: jax.Array) -> jax.Array:
-        return self.timestep_embedder(timestep_embedding(sigma, 256, scale=1000.0))
+        return self.timestep_embedder(timestep_proj(sigma))
 
 
 class QwenImageTransformerBlock(nnx.Module):

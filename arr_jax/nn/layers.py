@@ -198,19 +198,14 @@ class FeedForward(nnx.Module):
 
 
 def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
-                       downscale_freq_shift: float = 0.0, max_period: float = 10000.0,
-                       scale: float = 1.0) -> jax.Array:
+                       downscale_freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, float32.
 
-    t: (B,) -> (B, dim). ``flip_sin_to_cos=True`` puts cos first (as Flux does). ``scale``
-    multiplies the angles ``t * freq`` afterwards, as diffusers' ``Timesteps(scale=...)`` does
-    (Qwen-Image feeds sigma with scale 1000; Flux feeds 1000 * sigma with scale 1).
+    t: (B,) -> (B, dim). ``flip_sin_to_cos=True`` puts cos first (as Flux does).
     """
     half = dim // 2
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
     args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
-    if scale != 1.0:
-        args = scale * args
     sin, cos = jnp.sin(args), jnp.cos(args)
     emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     if dim % 2:
