@@ -93,11 +93,12 @@ def test_tokenizers_match_transformers(tiny, snaps):
             assert tok.encode(t, add_special_tokens=False).ids == tiny["tokenizer"](t).input_ids, (d, t)
 
 
-def test_prompt_cache_and_release(snaps, tmp_path):
+def test_prompt_cache_and_release(tiny, snaps, tmp_path):
     img = _u8([(40, 56)])[0]
     enc = QwenImagePromptEncoder(snaps["edit_plus"], cache_dir=tmp_path)
     a = enc(PROMPTS, [[img], [img, img]])
-    again = QwenImagePromptEncoder(snaps["edit_plus"], cache_dir=tmp_path)  # a new process sees the files
+    own = load_qwen_image_snapshot(tiny["dirs"]["edit_plus"])  # released below: not the shared one
+    again = QwenImagePromptEncoder(own, cache_dir=tmp_path)  # a new process sees the files
     b = again(PROMPTS, [[img], [img, img]])
     assert again.stats == {"encoded": 0, "cache_hits": 2, "truncated": 0}
     for x, y in zip(a, b):
