@@ -98,7 +98,7 @@ def test_two_rpo_iterations_on_qwen_image_edit(files, tmp_path):
                                              lora=lora_config_from_file(final))
     load_peft_lora(ours.transformer, final)
     src = np.asarray(Image.open(files["dir"] / "edits" / "images" / "s0.png"))
-    lat = np.asarray(ours.noise([1], ours.latent_space(32, 32)))
+    lat = np.array(ours.noise([1], ours.latent_space(32, 32)))
     out = ours.sample(["make the sky green"], [[src]], num_steps=2, latents=lat, height=32, width=32)
     pipe = files["tiny"]["pipes"]["edit_plus"]
     pipe.load_lora_weights(str(final), adapter_name="rpo")
