@@ -13,7 +13,7 @@ from flax import nnx
 
 from arr_jax.convert.qwen_image import load_qwen_image_transformer, qwen_image_key_map
 from arr_jax.convert.safetensors_io import CheckpointFormatError
-from arr_jax.models.qwen_image import QwenImageConfig, qwen_rope_ids
+from arr_jax.models.qwen_image import qwen_rope_ids
 from arr_jax.nn.lora import LoRAConfig
 from arr_jax.sharding import make_mesh, make_rules
 

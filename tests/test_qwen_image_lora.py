@@ -4,7 +4,6 @@ restores it exactly."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
