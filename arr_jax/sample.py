@@ -1,9 +1,12 @@
-"""Sample images from a FLUX.1-dev (or FLUX.1-Kontext) snapshot: one PNG per image plus a grid.
+"""Sample images from a FLUX.1-dev / FLUX.1-Kontext or Qwen-Image / Qwen-Image-Edit(-2509) snapshot:
+one PNG per image plus a grid.
 
     python -m arr_jax.sample --config configs/flux_dev_t2i.py \
         --config.model_dir=/path/to/FLUX.1-dev --config.prompts_file=prompts.txt [--config.lora_path=lora.safetensors]
     python -m arr_jax.sample --config configs/flux_kontext.py --config.model_dir=/path/to/FLUX.1-Kontext-dev \
         --config.prompts_file=edits.txt --config.sources_file=sources.txt
+    python -m arr_jax.sample --config configs/qwen_image_edit.py --config.model_dir=/path/to/Qwen-Image-Edit-2509 \
+        --config.prompts_file=edits.jsonl
 
 Writes ``outdir/00000_s0.png`` ... (prompt index, seed), ``outdir/grid.png`` and
 ``outdir/samples.json`` (file -> prompt, seed, source). Prompt embeddings are cached in
@@ -218,10 +221,140 @@ def run(cfg) -> list[Path]:
     return written
 
 
+# ---------------------------------------------------------------------------- Qwen-Image
+
+QWEN_KINDS = ("qwen_image_edit", "qwen_image")
+
+
+def read_qwen_jobs(cfg) -> tuple[list[str], list[list[Path]]]:
+    """(prompts, per prompt its source image paths) of ``cfg.prompts_file``, checked before any model loads.
+
+    Editing: a .jsonl file, one ``{"prompt": ..., "source": "a.png" | ["a.png", "b.png"]}`` per line
+    (paths relative to the file). Text-to-image (kind ``qwen_image``): a .txt (one prompt per line)
+    or a .jsonl without sources. Errors name the file and line.
+    """
+    editing = cfg.kind == "qwen_image_edit"
+    p = Path(cfg.prompts_file) if cfg.prompts_file else None
+    if p is None:
+        raise ValueError("set --config.prompts_file (a .jsonl file: one {\"prompt\": ..., \"source\": ...} per line)")
+    if not p.exists():
+        raise FileNotFoundError(f"prompts_file {p} does not exist")
+    if p.suffix != ".jsonl":
+        if editing:
+            raise ValueError(f"prompts_file {p}: editing needs a .jsonl file with 'prompt' and 'source' on every line")
+        return read_lines(str(p), "prompts_file"), []
+    prompts, sources = [], []
+    for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise ValueError(f"{where}: expected a JSON object with a non-empty 'prompt'")
+        src = rec.get("source") or []
+        src = [src] if isinstance(src, str) else list(src)
+        if editing and not src:
+            raise ValueError(f"{where}: no 'source' image, but {cfg.kind} edits images")
+        if not editing and src:
+            raise ValueError(f"{where}: a 'source' image, but kind {cfg.kind!r} is text-to-image")
+        paths = [Path(x) if Path(x).is_absolute() else p.parent / x for x in map(str, src)]
+        for x in paths:
+            if not x.exists():
+                raise FileNotFoundError(f"{where}: source image {x} does not exist (paths are relative to the file)")
+        prompts.append(rec["prompt"].strip())
+        sources.append(paths)
+    if not prompts:
+        raise ValueError(f"prompts_file {p} holds no prompts")
+    return prompts, sources
+
+
+def run_qwen_image(cfg) -> list[Path]:
+    """Sample a Qwen-Image(-Edit) snapshot (``cfg.kind`` in `QWEN_KINDS`): per prompt ``images_per_prompt``
+    images with ``cfg.sample``'s sampler (true CFG with ``negative_prompt``); returns the PNG paths (grid last).
+    Too many sources, a source size the pipeline cannot take and a snapshot of another model are errors
+    raised before sampling, naming the file and line."""
+    import jax
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from arr_jax.convert.lora_peft import load_peft_lora, lora_config_from_file
+    from arr_jax.convert.qwen_image_snapshot import read_qwen_model_index
+    from arr_jax.diffusion.flux_pipeline import check_image_size, to_uint8
+    from arr_jax.diffusion.qwen_image_pipeline import NAMES
+    from arr_jax.diffusion.qwen_image_text import MAX_SOURCES
+    from arr_jax.policies.qwen_image_edit import EXPECT, load_pipeline
+
+    if not cfg.model_dir:
+        raise ValueError("set --config.model_dir to a diffusers Qwen-Image(-Edit) snapshot directory")
+    prompts, sources = read_qwen_jobs(cfg)
+    kind, _ = read_qwen_model_index(cfg.model_dir)
+    if kind not in EXPECT[cfg.kind]:
+        from arr_jax.convert.snapshot import SnapshotError
+
+        raise SnapshotError(f"{cfg.model_dir} holds a {NAMES[kind]} pipeline, but kind {cfg.kind!r} needs "
+                            f"{' or '.join(NAMES[k] for k in EXPECT[cfg.kind])}")
+    limit = cfg.qwen.max_sources or MAX_SOURCES[kind]
+    for n, (p, srcs) in enumerate(zip(prompts, sources)):
+        if len(srcs) > limit:
+            raise ValueError(f"{cfg.prompts_file}: prompt {n + 1} ({p[:60]!r}) has {len(srcs)} source images, but "
+                             f"{NAMES[kind]} takes at most {limit}")
+        if not cfg.qwen.vae_area:  # the sources' own sizes
+            for x in srcs:
+                with Image.open(x) as im:
+                    check_image_size(im.height, im.width, 16, what=f"source image {x}")
+    rules = None
+    if jax.device_count() > 1:
+        from arr_jax.sharding import make_mesh, make_rules
+
+        rules = make_rules(make_mesh(**cfg.mesh.to_dict()))
+    pipe = load_pipeline(cfg, rules, lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
+    if cfg.lora_path:
+        load_peft_lora(pipe.transformer, cfg.lora_path)
+    s = cfg.sample
+    neg = s.negative_prompt or None
+    jobs = [(i, cfg.seed + k) for i in range(len(prompts)) for k in range(s.images_per_prompt)]
+    out = Path(cfg.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, images, index = [], [], {}
+    key = jax.random.key(cfg.seed)
+    for lo in tqdm(range(0, len(jobs), s.batch_size), desc="sampling", unit="batch", dynamic_ncols=True):
+        batch = jobs[lo:lo + s.batch_size]
+        ps = [prompts[i] for i, _ in batch]
+        seeds = [sd * 100_003 + i for i, sd in batch]
+        src = [[load_image(x) for x in sources[i]] for i, _ in batch] if sources else None
+        kw = dict(height=s.height or None, width=s.width or None, seeds=seeds)
+        if s.sampler == "ode":
+            imgs = pipe.sample(ps, src, num_steps=s.num_steps, negative_prompt=neg, true_cfg_scale=s.true_cfg_scale,
+                               **kw).images
+        elif s.sampler == "sde":
+            _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), src, num_steps=s.num_steps, eta=s.eta, **kw)
+        else:
+            raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+        for (i, sd), noise_seed, im in zip(batch, seeds, to_uint8(imgs)):
+            name = f"{i:05d}_s{sd}.png"
+            Image.fromarray(im).save(out / name)
+            written.append(out / name)
+            images.append(im)
+            index[name] = {"prompt": prompts[i], "seed": sd, "noise_seed": noise_seed,
+                           "sources": [str(x) for x in sources[i]] if sources else []}
+    if len({im.shape for im in images}) == 1:
+        Image.fromarray(make_grid(np.stack(images), s.grid_cols)).save(out / "grid.png")
+        written.append(out / "grid.png")
+    (out / "samples.json").write_text(json.dumps(index, indent=1))
+    st = pipe.stats
+    print(f"wrote {len(images)} images to {out} (prompts encoded {st['encoded']}, cache hits {st['cache_hits']}, "
+          f"truncated {st['truncated']})")
+    return written
+
+
 def main(argv) -> None:
     from arr_jax.cli import config_from_flags
 
-    run(config_from_flags())
+    cfg = config_from_flags()
+    (run_qwen_image if cfg.kind in QWEN_KINDS else run)(cfg)
 
 
 if __name__ == "__main__":

@@ -96,9 +96,15 @@ class SchedulerConfig:
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     num_train_timesteps: int = 1000
+    shift_terminal: float = 0.0  # Qwen-Image: 0.02 (the shifted schedule is stretched to end there)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "SchedulerConfig":
+    def from_dir(cls, path: str | Path, allow_shift_terminal: bool = False) -> "SchedulerConfig":
+        """Parse ``path/scheduler_config.json``; unsupported options are a `SnapshotError` naming the file.
+
+        ``allow_shift_terminal``: accept a nonzero ``shift_terminal`` (the Qwen-Image pipelines'
+        schedule implements it; FLUX's does not).
+        """
         f = _need(Path(path) / "scheduler_config.json", "the scheduler config")
         d = json.loads(f.read_text())
         if d.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
@@ -107,8 +113,10 @@ class SchedulerConfig:
                      "stochastic_sampling"):
             if d.get(flag):
                 raise SnapshotError(f"{f}: {flag}=true is not supported")
-        if d.get("shift_terminal") or d.get("time_shift_type", "exponential") != "exponential":
-            raise SnapshotError(f"{f}: only the exponential time shift without shift_terminal is supported")
+        if d.get("time_shift_type", "exponential") != "exponential":
+            raise SnapshotError(f"{f}: only the exponential time shift is supported")
+        if d.get("shift_terminal") and not allow_shift_terminal:
+            raise SnapshotError(f"{f}: shift_terminal is not supported by this pipeline")
         names = {x.name for x in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 

@@ -160,6 +160,8 @@ class PromptCache:
 
     Keyed by ``sha256(fingerprint, prompt)``; the fingerprint covers both tokenizers, both text
     encoders' files and the dtype, so a changed model or tokenizer never reads stale entries.
+    An entry is any dict of arrays (FLUX: ``txt``, ``pooled``); the ``prompt`` key may be any
+    string that identifies the input (Qwen-Image: the text plus hashes of its source images).
     """
 
     def __init__(self, directory: str | Path | None, fingerprint: str, memory_entries: int = 512):
@@ -190,7 +192,8 @@ class PromptCache:
         with np.load(self._file(prompt)) as f:
             if str(f["prompt"]) != prompt:  # hash collision: treat as missing
                 return None
-            entry = {k: _restore(f[k], str(f[f"{k}__dtype"])) for k in ("txt", "pooled")}
+            entry = {k: _restore(f[k], str(f[f"{k}__dtype"])) for k in f.files
+                     if k != "prompt" and not k.endswith("__dtype")}
         self._remember(prompt, entry)
         return entry
 

@@ -19,17 +19,23 @@ from arr_jax.nn.rope import apply_rope
 from arr_jax.sharding import ShardingRules, shard
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla") -> jax.Array:
-    """Non-causal softmax attention, no mask.
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
+                          kv_mask: jax.Array | None = None) -> jax.Array:
+    """Non-causal softmax attention, optionally over a subset of the keys.
 
     q: (B, S, H, D), k/v: (B, T, H, D) -> (B, S, H, D) in q's dtype.
+    kv_mask: optional (B, T) bool, True = the key may be attended (e.g. text padding is False);
+    every query must keep at least one key.
     ``impl="xla"``: explicit einsum with float32 logits and softmax.
     Anything else (``"cudnn"``, ``"auto"``) goes to ``jax.nn.dot_product_attention`` (flash kernels on GPU).
     """
     if impl != "xla":
-        return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "auto" else impl)
+        mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "auto" else impl)
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    if kv_mask is not None:
+        logits = jnp.where(kv_mask.astype(bool)[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
@@ -77,9 +83,11 @@ class Attention(nnx.Module):
         k = k_norm(self._heads(k_proj(x)))
         return q, k, self._heads(v_proj(x))
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], context: jax.Array | None = None):
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], context: jax.Array | None = None,
+                 context_mask: jax.Array | None = None):
         """x: (B, N, dim); context: (B, L, added_kv_dim) or None; rope: (cos, sin) for the L+N
-        (or N) positions, each (L+N, head_dim // 2).
+        (or N) positions, each (L+N, head_dim // 2). context_mask: optional (B, L) bool, False for
+        context (text padding) tokens no query may attend to (joint attention only).
 
         Returns (x_out (B, N, dim), context_out (B, L, added_kv_dim)) when joint, else the
         attention output (B, N, inner) -- passed through ``to_out`` unless ``pre_only``.
@@ -93,7 +101,12 @@ class Attention(nnx.Module):
             v = jnp.concatenate([cv, v], axis=1)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = dot_product_attention(q, k, v, impl=self.impl)
+        kv_mask = None
+        if context_mask is not None:
+            if not self.joint:
+                raise ValueError("context_mask needs joint attention (an added text stream)")
+            kv_mask = jnp.concatenate([context_mask.astype(bool), jnp.ones(x.shape[:2], bool)], axis=1)
+        out = dot_product_attention(q, k, v, impl=self.impl, kv_mask=kv_mask)
         b, s = out.shape[:2]
         out = out.reshape(b, s, self.heads * self.head_dim)
         if not self.joint:

@@ -1,0 +1,147 @@
+"""The ``qwen_image_edit`` policy kind: Qwen-Image-Edit / Qwen-Image-Edit-2509 editing (SPEC §2's editing column).
+
+Built from a diffusers snapshot (``config.model_dir``: a QwenImageEditPipeline or
+QwenImageEditPlusPipeline) by `arr_jax.diffusion.qwen_image_pipeline`:
+
+* ``encode_fn(items)``: the Qwen2.5-VL hidden states of each templated instruction *with its source
+  image* (the prompt cache, on disk under ``cache_dir``, keys on both), padded to ``qwen.text_len``
+  with a mask (fixed, so the rollout and update compile once), and the source's normalised VAE
+  latents (B, M, 64), kept in memory per source.
+* ``apply_fn``: `QwenImageLatentSpace.apply` on packed latents (B, N, 64): target tokens, then the
+  source tokens, no CFG (SPEC §2); the source takes part in the rollout, the reference pass and the
+  update alike, so the on-policy ratio is exactly 1 here too.
+* ``decode_fn(vae_state, x0)``: the VAE decode of the last ``x0_hat`` to uint8; the VAE weights are
+  the argument ``vae_state`` (``decode_params``), not constants of the program.
+* ``precompute(items)``: encodes every (prompt, source) of the run up front, then frees Qwen2.5-VL
+  (``qwen.release_text_encoder``): later prompts come from the cache.
+
+Sources arrive centre-cropped and resized to ``rpo.height x rpo.width`` (`arr_jax.data.prompts`);
+the VAE sees them at that size (the output has the same size), the text encoder (Edit-2509) a copy
+at ``qwen.condition_area`` pixels, Qwen-Image-Edit the same image the VAE sees.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from arr_jax.policies.base import Policy, PromptItem
+
+EXPECT = {"qwen_image_edit": ("edit", "edit_plus"), "qwen_image": ("t2i",)}
+
+
+def lora_config(r):
+    """The LoRAConfig of an ``rpo`` config section (None for full fine-tuning)."""
+    from arr_jax.nn.lora import LoRAConfig
+
+    if r.get("full_finetune", False):
+        return None
+    return LoRAConfig(rank=r.lora_rank, alpha=r.lora_alpha, targets=tuple(r.lora_targets))
+
+
+def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0, vae_area: int | None | str = "config"):
+    """The `QwenImagePipeline` of ``cfg.model_dir`` (dtypes, attention, remat and areas from ``cfg.qwen``).
+
+    ``vae_area``: "config" takes ``qwen.vae_area`` (0 = keep each source's size); None keeps it.
+    A snapshot of another model (or of text-to-image for the editing kind) is a `SnapshotError`.
+    """
+    from arr_jax.diffusion.qwen_image_pipeline import QwenImagePipeline
+
+    if not cfg.model_dir:
+        raise ValueError(f"set --config.model_dir to a diffusers {cfg.kind} snapshot directory "
+                         "(e.g. Qwen/Qwen-Image-Edit-2509 downloaded with `hf download`)")
+    q = cfg.qwen
+    area = (q.vae_area or None) if vae_area == "config" else vae_area
+    return QwenImagePipeline.from_pretrained(
+        cfg.model_dir, cache_dir=cfg.cache_dir or None, rules=rules, vae_area=area, condition_area=q.condition_area,
+        max_sources=q.max_sources or None, dtype=q.dtype, text_dtype=q.text_dtype, vae_dtype=q.vae_dtype, lora=lora,
+        lora_seed=lora_seed, expect=EXPECT.get(cfg.kind, EXPECT["qwen_image_edit"]),
+        attention_impl=q.attention_impl, remat=q.remat)
+
+
+def build(cfg, rules=None) -> Policy:
+    """The Qwen-Image-Edit policy of ``cfg`` at ``rpo.height`` x ``rpo.width`` with one source per prompt."""
+    from arr_jax.convert.snapshot import _files_fingerprint
+    from arr_jax.diffusion.qwen_image_pipeline import decode_latents
+    from arr_jax.diffusion.qwen_image_text import pad_states
+
+    if cfg.kind != "qwen_image_edit":
+        raise ValueError(f"qwen_image_edit policy: kind {cfg.kind!r} is not 'qwen_image_edit'")
+    r, q = cfg.rpo, cfg.qwen
+    pipe = load_pipeline(cfg, rules, lora_config(r), lora_seed=cfg.seed, vae_area=None)
+    size = (r.height, r.width)
+    space = pipe.latent_space(r.height, r.width, (size,))
+    vae_graph, vae_state = nnx.split(pipe.snap.vae)
+    sources: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def check(items: Sequence[PromptItem]) -> list[list[np.ndarray]]:
+        out = []
+        for it in items:
+            name = it.origin or repr(it.text[:60])
+            if it.source is None:
+                raise ValueError(f"prompt {name} has no source image, but the qwen_image_edit policy edits images "
+                                 f"(JSONL prompts need a 'source')")
+            if tuple(it.source.shape) != size + (3,):
+                raise ValueError(f"prompt {name}: source image is {tuple(it.source.shape)}, the policy needs "
+                                 f"{size + (3,)} (rpo.height x rpo.width; arr_jax.data.prompts brings sources there)")
+            out.append([it.source])
+        return out
+
+    def source_latents(items: Sequence[PromptItem]) -> np.ndarray:
+        out = []
+        for it in items:
+            key = hashlib.sha1(np.ascontiguousarray(it.source).tobytes()).hexdigest()
+            if key not in sources:
+                sources[key] = pipe.encode_sources([[it.source]])[0]
+                while len(sources) > 4096:
+                    sources.popitem(last=False)
+            out.append(sources[key])
+        return np.stack(out)
+
+    def text_states(items: Sequence[PromptItem]) -> list[np.ndarray]:
+        srcs = check(items)
+        _, cond_imgs, _ = pipe.prepare_sources(srcs)
+        return pipe.prompts([it.text for it in items], cond_imgs)
+
+    def encode_fn(items: Sequence[PromptItem]) -> dict:
+        states = text_states(items)
+        for it, s in zip(items, states):
+            if s.shape[0] > q.text_len:
+                raise ValueError(f"prompt {it.origin or repr(it.text[:60])} gives {s.shape[0]} text states (with "
+                                 f"its source image), more than qwen.text_len={q.text_len}; raise it")
+        txt, mask = pad_states(states, length=q.text_len)
+        return {"txt": jnp.asarray(txt), "txt_mask": jnp.asarray(mask),
+                "source": jnp.asarray(source_latents(items), jnp.float32)}
+
+    def decode_fn(vae_state, x0):
+        img = decode_latents(nnx.merge(vae_graph, vae_state), space, x0)
+        return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    def precompute(items: Sequence[PromptItem]) -> None:
+        from tqdm.auto import tqdm
+
+        todo = list({(it.text, hashlib.sha1(np.ascontiguousarray(it.source).tobytes()).hexdigest()): it
+                     for it in items if it.source is not None}.values())
+        chunk = max(pipe.prompts.encode_batch, 1) * 8
+        for lo in tqdm(range(0, len(todo), chunk), desc="text embeddings", unit="batch", dynamic_ncols=True,
+                       disable=len(todo) <= chunk):
+            text_states(todo[lo:lo + chunk])
+        if q.get("release_text_encoder", True):
+            pipe.prompts.release()
+
+    def export_lora(model, path, metadata):
+        from arr_jax.convert.lora_peft import save_peft_lora
+
+        return save_peft_lora(model, path, prefix="transformer", metadata=metadata)
+
+    identity = {"kind": cfg.kind, "pipeline": pipe.kind,
+                "transformer": _files_fingerprint(pipe.snap.path / "transformer")[:16], "dtype": q.dtype,
+                "height": r.height, "width": r.width, "text_len": q.text_len}
+    return Policy(kind=cfg.kind, model=pipe.transformer, apply_fn=space.apply, encode_fn=encode_fn,
+                  decode_fn=decode_fn, decode_params=vae_state, latent_shape=space.latent_shape,
+                  export_lora=None if r.get("full_finetune", False) else export_lora, identity=identity,
+                  is_editing=True, precompute=precompute, info={"model_dir": str(pipe.snap.path), "pipeline": pipe})
