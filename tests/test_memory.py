@@ -1,18 +1,23 @@
-"""The memory plan: parameter counts of the real model classes, sharding arithmetic, the CLI."""
+"""The memory plan: parameter counts of the real model classes, sharding arithmetic, the judge, the
+Qwen-Image-Edit editing rows, the CLI."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from arr_jax.memory import (QWEN3_VL_8B_CONFIG, TOPOLOGIES, JudgeWorkload, Topology, Workload, abstract_judge,
                             abstract_models, format_judge_table, format_table, judge_activation_bytes, judge_plan,
-                            judge_tokens, parse_topologies, plan, shard_bytes)
+                            judge_tokens, judge_workload, parse_topologies, plan, shard_bytes)
 from arr_jax.sharding import make_rules
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +28,11 @@ def full_models():
 @pytest.fixture(scope="module")
 def judge():
     return abstract_judge()
+
+
+@pytest.fixture(scope="module")
+def edit_models():
+    return abstract_models(Workload.qwen_image_edit())
 
 
 def test_full_size_parameter_counts(full_models):
@@ -243,13 +253,123 @@ def test_cli_prints_table_and_json(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "v6e-8" in res.stdout and "fsdp+tp2" in res.stdout
     data = json.loads(out.read_text())
-    fit = {(r["topology"], r["rules"]): r["fits"] for r in data["rows"]}
-    assert fit[("v6e-8", "fsdp")] is True
-    assert fit[("tiny", "fsdp")] is False  # 2 devices x 8 GB cannot hold 35 GB of weights
-    # the judge table: both placements of every named topology, printed and in the JSON
-    judge_part = res.stdout[res.stdout.index("+ judge Qwen3-VL-8B-Instruct"):]
-    got = {(r["topology"], r["placement"]) for r in data["judge_rows"] if r["rules"] == "fsdp"}
-    for name in TOPOLOGIES:
-        assert {(name, "shared"), (name, "submesh")} <= got
-        assert sum(line.startswith(f"{name} ") and " fsdp " in line for line in judge_part.splitlines()) == 2
-    assert data["judge_workload"]["batch"] == 8
+    fit = {(r["model"], r["topology"], r["rules"]): r["fits"] for r in data["rows"]}
+    assert fit[("flux_dev", "v6e-8", "fsdp")] is True
+    assert fit[("flux_dev", "tiny", "fsdp")] is False  # 2 devices x 8 GB cannot hold 35 GB of weights
+    # the paper's editing batch (Qwen-Image-Edit-2509: 20B + 7B) fits on v6e-8, not on 2 x 8 GB
+    assert "Qwen-Image-Edit-2509" in res.stdout
+    assert fit[("qwen_image_edit", "v6e-8", "fsdp")] is True
+    assert fit[("qwen_image_edit", "tiny", "fsdp")] is False
+    # per model: the policy table, then its judge table (both placements of every named topology)
+    out_text = res.stdout
+    flux_judge = out_text.index("+ judge Qwen3-VL-8B-Instruct next to FLUX.1-dev")
+    edit_table = out_text.index("RPO on Qwen-Image-Edit-2509")
+    edit_judge = out_text.index("+ judge Qwen3-VL-8B-Instruct next to Qwen-Image-Edit-2509")
+    assert out_text.index("RPO on FLUX.1-dev") < flux_judge < edit_table < edit_judge
+    for model, part in (("flux_dev", out_text[flux_judge:edit_table]), ("qwen_image_edit", out_text[edit_judge:])):
+        got = {(r["topology"], r["placement"]) for r in data["judge_rows"] if r["rules"] == "fsdp"
+               and r["model"] == model}
+        for name in TOPOLOGIES:
+            assert {(name, "shared"), (name, "submesh")} <= got
+            assert sum(line.startswith(f"{name} ") and " fsdp " in line for line in part.splitlines()) == 2
+    assert data["judge_workload"]["batch"] == 8 and data["judge_workload"] == data["judge_workloads"]["flux_dev"]
+    assert data["judge_workloads"]["qwen_image_edit"]["images"] == 3   # Image BASE + the two edits
+    assert data["workloads"]["qwen_image_edit"]["source_images"] == 1
+    # --models selects; an unknown name is refused by name
+    one = subprocess.run([sys.executable, "-m", "arr_jax.memory", "--models=qwen_image_edit", "--topologies=v6e-8",
+                          "--nojudge"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert "Qwen-Image-Edit-2509" in one.stdout and "FLUX" not in one.stdout and "+ judge" not in one.stdout
+    bad = subprocess.run([sys.executable, "-m", "arr_jax.memory", "--models=flux_dev,sdxl", "--topologies=v6e-8"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown ['sdxl']" in bad.stderr
+
+
+def test_qwen_image_edit_workload_is_the_config():
+    """`Workload.qwen_image_edit` is the editing column as configs/qwen_image_edit.py trains it."""
+    spec = importlib.util.spec_from_file_location("cfg_memory_qwen_image_edit", ROOT / "configs" / "qwen_image_edit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c, wl = mod.get_config(), Workload.qwen_image_edit()
+    assert (wl.pairs, wl.num_steps, wl.lora_rank, wl.lora_alpha, wl.height, wl.width, wl.txt_len, wl.remat) == (
+        c.rpo.pairs_per_batch, c.rpo.num_steps, c.rpo.lora_rank, c.rpo.lora_alpha, c.rpo.height, c.rpo.width,
+        c.qwen.text_len, c.qwen.remat)
+    assert wl.micro_batch == c.rpo.micro_batch and c.qwen.release_text_encoder
+    assert (wl.target_tokens, wl.image_tokens) == (1024, 2048)   # 512² target + one 512² source
+    assert Workload.qwen_image_edit(micro_batch=4).micro_batch == 4
+    with pytest.raises(ValueError, match="unknown model 'sdxl'"):
+        abstract_models(Workload(model="sdxl"))
+
+
+def test_editing_rows(full_models, edit_models, judge):
+    """Editing: source tokens in the sequence and the buffers, Qwen2.5-VL as the big text encoder,
+    the judge shown three images, the same placement arithmetic as FLUX."""
+    rules = make_rules()
+    wl = Workload.qwen_image_edit()
+    topo = {"v6e-8": TOPOLOGIES["v6e-8"]}
+    row = plan(topo, wl, models=edit_models, rules=rules)[0]
+    per = row["per_model"]
+    assert set(per) == {"transformer", "lora", "text_encoder", "vae"} and row["model"] == "qwen_image_edit"
+    assert row["params"] == per["transformer"] + per["text_encoder"] + per["vae"]
+    freed = plan(topo, Workload.qwen_image_edit(t5_resident=False), models=edit_models, rules=rules)[0]
+    assert row["params"] - freed["params"] == per["text_encoder"]
+    # the source's 1024 tokens lengthen every attention and add its latents to the stored batch
+    no_src = plan(topo, Workload.qwen_image_edit(source_images=0), models=edit_models, rules=rules)[0]
+    assert no_src["act_update"] < row["act_update"]
+    src_latents = 2 * wl.pairs * 1024 * 64 * 4 / 8   # samples x tokens x 64 channels x f32 / 8 shards
+    assert row["buffers"] - no_src["buffers"] == pytest.approx(src_latents)
+    with pytest.raises(ValueError, match="models are for 'flux_dev'"):
+        plan(topo, wl, models=full_models)
+
+    jw = judge_workload(wl)
+    assert (jw.images, jw.image_side) == (3, 512) and judge_workload(Workload()).images == 2
+    rows = judge_plan(TOPOLOGIES, wl, models=edit_models, judge=judge, rules=rules)
+    assert rows[0]["tokens"]["prompt"] == 2560   # 3 x (256 + 2) + 1536 = 2310, bucketed to 256
+    policy = {(r["topology"], r["rules"]): r for r in plan(TOPOLOGIES, wl, models=edit_models, rules=rules)}
+    for r in rows:
+        if r["placement"] == "shared":
+            p = policy[(r["topology"], r["rules"])]
+            assert r["policy_resident"] + r["text_encoders"] == pytest.approx(p["params"] + p["lora_opt"]
+                                                                              + p["buffers"])
+            assert r["text_encoders"] == p["per_model"]["text_encoder"]
+            assert r["fits_t5"] and r["fits_freed"], r["topology"]   # co-located, the editing batch fits everywhere
+    sub = {(r["topology"], r["rules"]): r for r in rows if r["placement"] == "submesh"}
+    # v6e-8 split 2 + 6: 6 does not divide Qwen2.5-VL's 3584, so its 15.5 GB stay whole on every policy
+    # device; only with it freed does the policy fit
+    v6 = sub[("v6e-8", "fsdp")]
+    assert v6["text_encoders"] == sum(math.prod(s) * it * c for s, it, _, c in edit_models["text_encoder"])
+    assert not v6["fits_t5"] and v6["fits_freed"] and v6["judge_devices"] == 2
+    text = format_judge_table(rows, jw)
+    assert "next to Qwen-Image-Edit-2509" in text and "qwen.release_text_encoder" in text and "3 images" in text
+
+
+@pytest.mark.parity
+def test_qwen_image_edit_sizes_match_the_reference_classes(edit_models):
+    """Our abstract Qwen-Image-Edit-2509 models have exactly the parameters of diffusers' transformer,
+    transformers' Qwen2.5-VL-7B (minus the LM head, never used) and diffusers' VAE (minus what a still
+    image never meets: the temporal convolutions and all but one temporal tap), all built full size
+    on torch's meta device."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    wl, models = Workload.qwen_image_edit(), edit_models
+    ours = {m: sum(math.prod(s) * c for s, _, _, c in models[m]) for m in ("transformer", "text_encoder", "vae")}
+    with torch.device("meta"):
+        dit = diffusers.QwenImageTransformer2DModel()
+        vae = diffusers.AutoencoderKLQwenImage()
+        text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                             num_key_value_heads=4, vocab_size=152064),
+            vision_config=dict(hidden_size=1280, out_hidden_size=3584)))
+    n = lambda m, skip=(): sum(p.numel() for k, p in m.named_parameters() if not any(x in k for x in skip))  # noqa: E731
+    assert ours["transformer"] == n(dit) == 20_430_401_088
+    assert ours["text_encoder"] == n(text, ("lm_head",))
+    # the VAE keeps only the last temporal tap of each causal 3-D kernel
+    assert ours["vae"] == sum(p.numel() // (p.shape[2] if p.ndim == 5 else 1) for k, p in vae.named_parameters()
+                              if "time_conv" not in k)
+    lora = sum(math.prod(s) * c for s, _, _, c in models["lora"])
+    assert lora == 60 * 8 * 32 * (3072 + 3072)  # r32 on q, k, v, out and the text stream's four
+    row = plan({"v6e-8": Topology("v6e-8", 8, 32e9)}, wl, models=models)[0]
+    assert row["model"] == "qwen_image_edit" and row["fits"]
+    assert row["per_model"]["transformer"] < 1.01 * row["total_params"]["transformer"] / 8
