@@ -94,6 +94,25 @@ def _raised_by_arr_jax(e: BaseException) -> bool:
         str(Path(__file__).resolve().parent))
 
 
+def _peer_lost(e: BaseException) -> None:
+    """With several processes, a failed collective or heartbeat means another process died: say so,
+    and leave at once (JAX's own shutdown would wait for the dead peer, then abort)."""
+    import os
+    import sys
+
+    if os.environ.get("ARR_JAX_DISTRIBUTED") != "1":
+        return
+    import jax
+
+    if jax.process_count() < 2 or type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
+        return
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    print(f"error: process {jax.process_index()} of {jax.process_count()} stopped because a collective with "
+          f"the other processes failed ({first}). Another process has probably died; rerun every process with "
+          "the same command to resume from the last checkpoint.", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def run_main(main) -> None:
     """absl entry: distributed start-up when asked, quiet library logs, user errors as one line."""
     import logging
@@ -114,8 +133,12 @@ def run_main(main) -> None:
             return main(argv)
         except USER_ERRORS as e:
             if os.environ.get("ARR_JAX_TRACEBACK") == "1" or not _raised_by_arr_jax(e):
+                _peer_lost(e)
                 raise
             print(f"error: {e}\n(ARR_JAX_TRACEBACK=1 shows the traceback)", file=sys.stderr, flush=True)
             sys.exit(2)
+        except Exception as e:  # noqa: BLE001 - re-raised unless a peer process is gone
+            _peer_lost(e)
+            raise
 
     app.run(wrapped)

@@ -141,6 +141,7 @@ def test_a_killed_process_stops_the_other_and_both_resume(world):
         pytest.fail("the surviving process did not stop within 300 s of its peer's death")
     procs[1].communicate()
     assert procs[0].returncode != 0 and time.time() - t0 < 300
+    assert "Another process has probably died; rerun every process" in err, err[-3000:]
     assert not (w / "checkpoints" / "5").is_dir()
     out = _ok(_finish(_start(args, tmp, 2)))
     assert "resumed RPO from iteration" in out
