@@ -32,6 +32,7 @@ from arr_jax.data.images import to_rgb_uint8_batch
 from arr_jax.diffusion.rollout import Trajectory, sde_rollout
 from arr_jax.diffusion.schedule import rollout_sigmas
 from arr_jax.diffusion.sde import ode_step
+from arr_jax.multihost import host_tree
 from arr_jax.sharding import ShardingRules
 
 
@@ -298,7 +299,7 @@ class FluxPipeline:
             t5_ids, t5_len = self.snap.t5_tokenizer(padded)
             self._count_truncation(chunk, t5_len, self.snap.t5_tokenizer.max_length, "t5", "T5")
             self._count_truncation(chunk, clip_len, self.snap.clip_tokenizer.max_length, "clip", "CLIP")
-            txt, pooled = jax.device_get(_encode_text_jit(
+            txt, pooled = host_tree(_encode_text_jit(  # gathered across processes when sharded over several
                 self._clip[0], self._clip[1], self._t5[0], self._t5[1], jnp.asarray(clip_ids), jnp.asarray(t5_ids)))
             for i, p in enumerate(chunk):
                 found[p] = {"txt": np.array(txt[i]), "pooled": np.array(pooled[i])}
@@ -334,7 +335,7 @@ class FluxPipeline:
         """
         images = to_rgb_uint8_batch(images, name="Kontext source images")
         check_image_size(images.shape[1], images.shape[2], 2 * self.vae_factor, what="Kontext source image")
-        return np.asarray(_encode_image_jit(self._vae[0], self._vae[1], jnp.asarray(from_uint8(images))))
+        return host_tree(_encode_image_jit(self._vae[0], self._vae[1], jnp.asarray(from_uint8(images))))
 
     def conditioning(self, prompts: Sequence[str], guidance: float = 3.5, sources=None,
                      source_latents=None) -> dict:
