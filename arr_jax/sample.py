@@ -105,7 +105,7 @@ def build_pipeline(cfg):
     from arr_jax.policies.flux import load_pipeline
     from arr_jax.rpo.run import mesh_rules
 
-    pipe = load_pipeline(cfg, mesh_rules(cfg), lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
+    pipe = load_pipeline(cfg, mesh_rules(cfg)[0], lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
     if cfg.lora_path:
         load_peft_lora(pipe.transformer, cfg.lora_path)
     return pipe
@@ -282,6 +282,7 @@ def run_qwen_image(cfg) -> list[Path]:
 
     from arr_jax.convert.lora_peft import load_peft_lora, lora_config_from_file
     from arr_jax.convert.qwen_image_snapshot import read_qwen_model_index
+    from arr_jax.data.images import image_size
     from arr_jax.diffusion.flux_pipeline import check_image_size, to_uint8
     from arr_jax.diffusion.qwen_image_pipeline import NAMES
     from arr_jax.diffusion.qwen_image_text import MAX_SOURCES
@@ -303,13 +304,11 @@ def run_qwen_image(cfg) -> list[Path]:
                              f"{NAMES[kind]} takes at most {limit}")
         if not cfg.qwen.vae_area:  # the sources' own sizes
             for x in srcs:
-                with Image.open(x) as im:
-                    check_image_size(im.height, im.width, 16, what=f"source image {x}")
-    rules = None
-    if jax.device_count() > 1:
-        from arr_jax.sharding import make_mesh, make_rules
+                w, h = image_size(x)
+                check_image_size(h, w, 16, what=f"source image {x}")
+    from arr_jax.rpo.run import mesh_rules
 
-        rules = make_rules(make_mesh(**cfg.mesh.to_dict()))
+    rules = mesh_rules(cfg)[0]
     pipe = load_pipeline(cfg, rules, lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
     if cfg.lora_path:
         load_peft_lora(pipe.transformer, cfg.lora_path)

@@ -18,6 +18,7 @@ Built from a diffusers snapshot (``config.model_dir``) by `arr_jax.diffusion.flu
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -39,6 +40,25 @@ def lora_config(r):
     return LoRAConfig(rank=r.lora_rank, alpha=r.lora_alpha, targets=tuple(r.lora_targets))
 
 
+def check_host_memory(model_dir: str | Path, what: str = "configs/flux_dev_t2i.py:tiny") -> None:
+    """On a CPU machine, refuse a snapshot whose weights alone exceed the free memory (a full-size
+    FLUX.1-dev is ~34 GB) with a message pointing at the ``:tiny`` variants, instead of running out
+    of memory half-way through loading."""
+    import os
+
+    if jax.devices()[0].platform != "cpu":
+        return
+    need = sum(f.stat().st_size for f in Path(model_dir).rglob("*.safetensors"))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > 0.9 * free:
+        raise ValueError(f"{model_dir} holds {need / 1e9:.1f} GB of weights but this CPU machine has "
+                         f"{free / 1e9:.1f} GB free: run it on a GPU or TPU, or try the same path on CPU with "
+                         f"--config {what} and a tiny random snapshot (tests/_tiny_flux.py writes one)")
+
+
 def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0):
     """The `FluxPipeline` of ``cfg.model_dir`` (dtypes, attention and remat from ``cfg.flux``)."""
     from arr_jax.diffusion.flux_pipeline import FluxPipeline
@@ -46,6 +66,8 @@ def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0):
     if not cfg.model_dir:
         raise ValueError(f"set --config.model_dir to a diffusers {cfg.kind} snapshot directory "
                          "(e.g. black-forest-labs/FLUX.1-dev downloaded with `hf download`)")
+    if Path(cfg.model_dir).is_dir():
+        check_host_memory(cfg.model_dir)
     f = cfg.flux
     # With several processes every one encodes the same prompts in lockstep (the encoders are sharded
     # over all of them), so what is cached must be the same everywhere: memory only.
