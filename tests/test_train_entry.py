@@ -455,3 +455,15 @@ def test_every_documented_command_parses():
             raise AssertionError(f"{where}: {e}") from e
         parsed += 1
     assert parsed >= 10
+
+
+def test_every_entry_point_answers_help():
+    """``python -m arr_jax.<entry> --help`` for every entry point: the module imports, its default
+    config loads, and absl prints the flags (no traceback)."""
+    entries = sorted(p.stem for p in (ROOT / "arr_jax").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+    entries += [p.parent.name for p in (ROOT / "arr_jax").glob("*/__main__.py")]
+    assert {"train", "demo", "induce", "evaluate", "sample", "pretrain", "memory", "sweep"} <= set(entries)
+    for entry in entries:
+        r = _run(f"arr_jax.{entry}", ["--help"], cwd=ROOT, devices=1, timeout=300)
+        assert "Traceback" not in r.stderr and r.returncode in (0, 1), (entry, r.stderr[-2000:])
+        assert "--" in r.stdout + r.stderr, entry
