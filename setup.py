@@ -37,6 +37,9 @@ TEST = [
     "accelerate==1.15.0",
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
+    "nbclient==0.11.0",      # tests/test_notebook.py executes notebooks/arr_rpo_demo.ipynb
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
 ]
 
 setup(
