@@ -41,8 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flux.text_dtype = "bfloat16"  # T5-XXL + CLIP-L
     c.flux.vae_dtype = "float32"
     c.flux.t5_max_length = 512
-    c.flux.attention_impl = "xla"
-    c.flux.remat = True
+    c.flux.attention_impl = "xla"   # "cudnn" on GPU (flash attention), "xla" elsewhere; see nn/attention.py
+    c.flux.remat = True             # True/"full", "dots" (keep Linear outputs), False
+    c.flux.scan_blocks = False      # one lax.scan per block group: far shorter compiles, +1 copy of the block weights
     c.flux.release_text_encoders = True  # training: free T5-XXL + CLIP once every prompt is cached
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 

@@ -38,7 +38,7 @@ def lora_config(r):
 
 
 def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0):
-    """The `FluxPipeline` of ``cfg.model_dir`` (dtypes, attention and remat from ``cfg.flux``)."""
+    """The `FluxPipeline` of ``cfg.model_dir`` (dtypes, attention, remat and scan_blocks from ``cfg.flux``)."""
     from arr_jax.diffusion.flux_pipeline import FluxPipeline
 
     if not cfg.model_dir:
@@ -48,7 +48,8 @@ def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0):
     return FluxPipeline.from_pretrained(
         cfg.model_dir, cache_dir=cfg.cache_dir or None, rules=rules, dtype=f.dtype, text_dtype=f.text_dtype,
         vae_dtype=f.vae_dtype, t5_max_length=f.t5_max_length, lora=lora, lora_seed=lora_seed,
-        expect=PIPELINE_KIND[cfg.kind], attention_impl=f.attention_impl, remat=f.remat)
+        expect=PIPELINE_KIND[cfg.kind], attention_impl=f.attention_impl, remat=f.remat,
+        scan_blocks=bool(f.get("scan_blocks", False)))
 
 
 def build(cfg, rules=None) -> Policy:
