@@ -31,6 +31,7 @@ def suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
     env = _env()
     env["OUT"] = str(out)
+    env["PYTHON"] = sys.executable
     r = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--preset", "tiny"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=2400)
     log = (out / "suite.log").read_text() if (out / "suite.log").exists() else ""
