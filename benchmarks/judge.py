@@ -1,60 +1,94 @@
 """Qwen3-VL judge throughput: ours (JAX) vs transformers (PyTorch), same config, same machine.
 
-Measures prefill tokens/s, decode tokens/s and pairwise decisions/s (one prefill over a prompt
-with two images + the log-probs of two answer tokens), with XLA's FLOP and byte counts for our
-programs, and MFU / bandwidth use when the peak numbers are known. Prints a table and writes JSON.
+    python benchmarks/judge.py --preset tiny            # CPU smoke run, random weights (the test suite runs it)
+    python benchmarks/judge.py --preset small           # CPU, 8-layer 512-wide text model
+    python benchmarks/judge.py --preset qwen3-vl-8b     # GPU: Qwen3-VL-8B-Instruct shapes, random weights, bf16
+    python benchmarks/judge.py --model_dir /path/Qwen3-VL-8B-Instruct --dtype bfloat16 --batch 8 --image_size 512
 
-  python benchmarks/judge.py --preset tiny                     # CPU smoke run, random weights
-  python benchmarks/judge.py --model_dir /path/Qwen3-VL-8B-Instruct --dtype bfloat16 --batch 8 \
-      --image_size 512 --new_tokens 64 --peak_tflops 989 --peak_gbps 4800   # H200
+A batch is B pairwise-judge prompts: text, image 1, text, image 2, text (random tokens and pixels).
+Rows (medians of interleaved repeats, `benchmarks/report.py`):
 
-Without ``--model_dir`` a random model of the preset size is built with transformers and saved to a
-temporary snapshot, which both implementations then load.
+  like for like
+    prefill tok/s          one prompt forward that fills the KV cache (ours `Decoder.prefill`; HF forward, use_cache)
+    choice decisions/s     one prefill reading P(image 1 wins) from two answer tokens' log-probs (ours
+                           `Decoder.score_choices`; HF the same forward with ``logits_to_keep=1``)
+    decode tok/s           greedy tokens after the prefill (ours `Decoder.generate`; HF ``generate``)
+  against the authors' release path
+    release decisions/s    generate a JSON verdict of ``--verdict_tokens`` (30) tokens with HF ``generate``,
+                           detokenise and parse it (what a user of the release runs per pair), vs our
+                           one-prefill choice decision.
+
+Our prefill FLOPs come from its jaxpr (`arr_jax.perf`); MFU = FLOPs / time / chip peak (known chips
+only; ``--peak_tflops`` overrides). The ``qwen3-vl-8b`` preset builds both models from the published
+Qwen3-VL-8B-Instruct config with random weights on the device (no files written: 16 GB would not
+fit a GPU lease); ``tiny`` and ``small`` save a transformers snapshot that both sides load.
+JSON: ``runs/benchmarks/judge_<preset>.json``.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import functools
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import report  # noqa: E402
+
+# Qwen3-VL-8B-Instruct config.json (text_config / vision_config fields that fix the shapes).
+QWEN3_VL_8B = dict(
+    text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+              num_key_value_heads=8, head_dim=128, mrope=[24, 20, 20], vocab_size=151936),
+    vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+    ids=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653),
+    source="shapes", dtype="bfloat16", batch=8, image_size=512, text_len=300, new_tokens=32, reps=3)
+
 PRESETS = {
     "tiny": dict(text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=16, mrope=[4, 2, 2], vocab_size=512),
                  vision=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=8,
-                             num_position_embeddings=16, deepstack_visual_indexes=[0, 1])),
+                             num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+                 source="files", dtype="float32", batch=2, image_size=64, text_len=48, new_tokens=8, reps=2),
     "small": dict(text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=4, head_dim=64, mrope=[12, 10, 10], vocab_size=8192),
                   vision=dict(depth=6, hidden_size=256, intermediate_size=768, num_heads=4, patch_size=16,
-                              num_position_embeddings=256, deepstack_visual_indexes=[1, 3, 5])),
+                              num_position_embeddings=256, deepstack_visual_indexes=[1, 3, 5]),
+                  source="files", dtype="float32", batch=2, image_size=64, text_len=60, new_tokens=16, reps=3),
+    "qwen3-vl-8b": QWEN3_VL_8B,
 }
+CHOICE_IDS = [11, 12]
 
 
-def build_snapshot(preset: str) -> str:
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def hf_config(preset: str):
+    """The transformers ``Qwen3VLConfig`` of a preset."""
+    from transformers import Qwen3VLConfig
 
     p = PRESETS[preset]
     t = dict(p["text"])
     mrope = t.pop("mrope")
     v = t["vocab_size"]
-    cfg = Qwen3VLConfig(
-        text_config=dict(**t, max_position_embeddings=32768,
+    ids = p.get("ids") or dict(image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 2,
+                               vision_end_token_id=v - 1)
+    return Qwen3VLConfig(
+        text_config=dict(**t, max_position_embeddings=32768, rms_norm_eps=1e-6,
                          rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=mrope,
                                               mrope_interleaved=True)),
         vision_config=dict(**p["vision"], spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=t["hidden_size"]),
-        image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 2, vision_end_token_id=v - 1)
+                           out_hidden_size=t["hidden_size"]), tie_word_embeddings=False, **ids)
+
+
+def build_snapshot(preset: str) -> str:
+    """A random transformers model of a files preset, saved to a temporary snapshot directory."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
     torch.manual_seed(0)
     d = tempfile.mkdtemp(prefix=f"qwen3_vl_{preset}_")
-    Qwen3VLForConditionalGeneration(cfg).save_pretrained(d)
+    Qwen3VLForConditionalGeneration(hf_config(preset)).save_pretrained(d)
     return d
 
 
@@ -69,7 +103,7 @@ def make_batch(cfg, batch: int, image_size: int, text_len: int, seed: int = 0):
     grid = [1, h // vc.patch_size, w // vc.patch_size]
     n_tok = grid[1] * grid[2] // vc.spatial_merge_size ** 2
     rng = np.random.default_rng(seed)
-    text = lambda n: rng.integers(0, min(cfg.text.vocab_size, cfg.image_token_id) - 1, n).tolist()  # noqa: E731
+    text = lambda n: rng.integers(0, min(cfg.text.vocab_size, cfg.vision_start_token_id) - 1, n).tolist()  # noqa: E731
     one = lambda: ([*text(text_len // 3), cfg.vision_start_token_id, *[cfg.image_token_id] * n_tok,  # noqa: E731
                     cfg.vision_end_token_id, *text(text_len // 3), cfg.vision_start_token_id,
                     *[cfg.image_token_id] * n_tok, cfg.vision_end_token_id, *text(text_len - 2 * (text_len // 3))])
@@ -79,163 +113,211 @@ def make_batch(cfg, batch: int, image_size: int, text_len: int, seed: int = 0):
     return prepare_inputs(cfg, ids, np.ones_like(ids), pv, grids), pv, grids
 
 
-def timeit(fn, reps: int) -> float:
-    """Median wall time of ``reps`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def detokenise(ids) -> str:
+    """A stand-in detokeniser (printable characters from ids): random weights make no words, and both
+    sides' parse runs on the same kind of text."""
+    return "".join(chr(32 + int(i) % 95) for i in ids)
 
 
-def cost(jitted, *args, **kw) -> dict:
-    try:
-        c = jitted.lower(*args, **kw).compile().cost_analysis()
-        c = c[0] if isinstance(c, (list, tuple)) else c
-        return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0))}
-    except Exception as e:  # cost analysis is best effort
-        return {"flops": math.nan, "bytes": math.nan, "error": str(e)}
+def parse_verdicts(rows) -> list:
+    from arr_jax.judge.parsing import parse_pairwise
+
+    return [parse_pairwise(detokenise(r)) for r in rows]
 
 
-def bench_ours(model_dir, dtype, inputs, new_tokens, reps):
-    import jax
-    import jax.numpy as jnp
+class Ours:
+    """Our Flax Qwen3-VL behind `arr_jax.judge.decode.Decoder`'s public methods."""
 
-    from arr_jax.convert.qwen3_vl import load_qwen3_vl
-    from arr_jax.judge.decode import Decoder, decode_step, init_cache
+    def __init__(self, p: dict, model_dir, dtype: str, cfg, inputs, new_tokens: int, verdict_tokens: int):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
 
-    model, cfg = load_qwen3_vl(model_dir, getattr(jnp, dtype))
-    dec = Decoder(model)
-    dev = dec._put(inputs)
-    b, s = inputs["input_ids"].shape
-    cands = jnp.asarray([11, 12], jnp.int32)
+        from arr_jax.judge.decode import Decoder
+        from arr_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
-    def prefill():
-        logits, cache = dec._prefill(dec.state, dev, init_cache(cfg, b, s + new_tokens, dec.cache_dtype))
-        return jax.block_until_ready(logits), cache
+        dt = getattr(jnp, dtype)
+        if model_dir is not None:
+            from arr_jax.convert.qwen3_vl import load_qwen3_vl
 
-    def gen(n):
-        return lambda: jax.block_until_ready(dec.generate(inputs, max_new_tokens=n))
+            model, _ = load_qwen3_vl(model_dir, dt)
+        else:  # random weights of the shapes, made on the device
+            make = lambda: Qwen3VLForConditionalGeneration(cfg, dtype=dt, rngs=nnx.Rngs(0), rules=None)  # noqa: E731
+            graphdef = nnx.graphdef(nnx.eval_shape(make))
+            model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
+        self.dec = Decoder(model)
+        self.inputs, self.new_tokens, self.verdict_tokens = inputs, new_tokens, verdict_tokens
+        self.s = inputs["input_ids"].shape[1]
 
-    def choices():
-        return jax.block_until_ready(dec._choices(dec.state, dev, cands))
+    def prefill(self):
+        import jax
 
-    t_prefill = timeit(prefill, reps)
-    t_one, t_full = timeit(gen(1), reps), timeit(gen(new_tokens), reps)
-    t_choice = timeit(choices, reps)
-    cache = init_cache(cfg, b, s + new_tokens, dec.cache_dtype)
-    c_pre = cost(dec._prefill, dec.state, dev, cache)
-    _, cache = prefill()
-    step = jax.jit(lambda st, tok, c: decode_step(dec.graphdef, st, tok, c))
-    c_dec = cost(step, dec.state, jnp.zeros((b,), jnp.int32), cache)
-    c_cho = cost(dec._choices, dec.state, dev, cands)
-    t_dec = max(t_full - t_one, 1e-9)  # the (new_tokens - 1) decode steps
-    return {
-        "prefill_s": t_prefill, "prefill_tok_s": b * s / t_prefill,
-        "decode_s": t_dec, "decode_tok_s": b * (new_tokens - 1) / t_dec,
-        "choice_s": t_choice, "decisions_s": b / t_choice,
-        "prefill_flops": c_pre["flops"], "prefill_bytes": c_pre["bytes"],
-        "decode_step_flops": c_dec["flops"], "decode_step_bytes": c_dec["bytes"],
-        "choice_flops": c_cho["flops"], "choice_bytes": c_cho["bytes"],
-        "device": str(jax.devices()[0].platform),
-    }
+        jax.block_until_ready(self.dec.prefill(self.inputs, self.s + self.new_tokens))
 
+    def choices(self):
+        return self.dec.score_choices(self.inputs, CHOICE_IDS)
 
-def bench_torch(model_dir, dtype, inputs, pv, grids, new_tokens, reps):
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    def generate(self, n):
+        return lambda: self.dec.generate(self.inputs, max_new_tokens=n)
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(dev).eval()
-    cfg = model.config
-    ids = torch.tensor(inputs["input_ids"], dtype=torch.long, device=dev)
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.tensor(pv, device=dev),
-              image_grid_thw=torch.tensor(grids, device=dev), mm_token_type_ids=(ids == cfg.image_token_id).long())
-    b, s = ids.shape
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    def release(self):
+        return parse_verdicts(self.dec.generate(self.inputs, max_new_tokens=self.verdict_tokens))
 
-    def prefill():
-        with torch.no_grad():
-            model(**kw, use_cache=True)
-        sync()
+    def prefill_flops(self) -> float:
+        import jax
+        import jax.numpy as jnp
 
-    def gen(n):
-        def run():
-            with torch.no_grad():
-                model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            sync()
-        return run
+        from arr_jax import perf
+        from arr_jax.judge.decode import choice_logprobs, init_cache, prefill
 
-    def choices():
-        with torch.no_grad():
-            torch.log_softmax(model(**kw, logits_to_keep=1).logits[:, -1].float(), -1)[:, [11, 12]]
-        sync()
-
-    t_prefill = timeit(prefill, reps)
-    t_one, t_full = timeit(gen(1), reps), timeit(gen(new_tokens), reps)
-    t_choice = timeit(choices, reps)
-    t_dec = max(t_full - t_one, 1e-9)
-    return {"prefill_s": t_prefill, "prefill_tok_s": b * s / t_prefill, "decode_s": t_dec,
-            "decode_tok_s": b * (new_tokens - 1) / t_dec, "choice_s": t_choice, "decisions_s": b / t_choice,
-            "device": dev}
+        b = self.inputs["input_ids"].shape[0]
+        dev = {k: jnp.asarray(v) for k, v in self.inputs.items() if k != "rope_deltas"}
+        cache = init_cache(self.dec.cfg, b, self.s + self.new_tokens, self.dec.cache_dtype)
+        f_pre, _ = perf.jaxpr_flops(jax.jit(functools.partial(prefill, self.dec.graphdef)), self.dec.state, dev, cache)
+        f_cho, _ = perf.jaxpr_flops(jax.jit(functools.partial(choice_logprobs, self.dec.graphdef)), self.dec.state,
+                                    dev, jnp.asarray(CHOICE_IDS, jnp.int32))
+        return f_pre, f_cho
 
 
-def main(argv=None):
+class Torch:
+    """transformers' Qwen3VLForConditionalGeneration: forward, generate, and the release's verdict path."""
+
+    def __init__(self, preset: str, model_dir, dtype: str, inputs, pv, grids, new_tokens: int, verdict_tokens: int):
+        import torch
+        from transformers import Qwen3VLForConditionalGeneration
+
+        self.torch = torch
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dt = getattr(torch, dtype)
+        if model_dir is not None:
+            model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=dt).to(dev)
+        else:
+            torch.manual_seed(0)
+            with torch.device(dev):
+                model = Qwen3VLForConditionalGeneration._from_config(hf_config(preset), dtype=dt)
+        self.model = model.eval()
+        cfg = model.config
+        ids = torch.tensor(inputs["input_ids"], dtype=torch.long, device=dev)
+        self.kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       pixel_values=torch.tensor(pv, device=dev, dtype=dt),
+                       image_grid_thw=torch.tensor(grids, device=dev),
+                       mm_token_type_ids=(ids == cfg.image_token_id).long())
+        self.new_tokens, self.verdict_tokens = new_tokens, verdict_tokens
+        self.sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        self.device = dev
+
+    def prefill(self):
+        with self.torch.no_grad():
+            self.model(**self.kw, use_cache=True)
+        self.sync()
+
+    def choices(self):
+        with self.torch.no_grad():
+            lp = self.torch.log_softmax(self.model(**self.kw, logits_to_keep=1).logits[:, -1].float(), -1)
+            return lp[:, CHOICE_IDS].cpu().numpy()  # on the host, as ours
+
+    def _gen(self, n):
+        with self.torch.no_grad():
+            out = self.model.generate(**self.kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        self.sync()
+        return out[:, self.kw["input_ids"].shape[1]:].cpu().numpy()
+
+    def generate(self, n):
+        return lambda: self._gen(n)
+
+    def release(self):
+        return len(parse_verdicts(self._gen(self.verdict_tokens)))
+
+    def info(self) -> dict:
+        return {"torch": self.torch.__version__, "threads": self.torch.get_num_threads(), "device": self.device}
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_dir", default=None)
+    ap.add_argument("--model_dir", default=None, help="a real snapshot (overrides the preset's weights)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--image_size", type=int, default=64)
-    ap.add_argument("--text_len", type=int, default=48)
-    ap.add_argument("--new_tokens", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--image_size", type=int, default=None)
+    ap.add_argument("--text_len", type=int, default=None)
+    ap.add_argument("--new_tokens", type=int, default=None, help="decode tokens for the decode rate")
+    ap.add_argument("--verdict_tokens", type=int, default=30, help="tokens of the release path's JSON verdict")
+    ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no_torch", action="store_true")
-    ap.add_argument("--peak_tflops", type=float, default=None, help="device peak, for MFU")
-    ap.add_argument("--peak_gbps", type=float, default=None, help="device memory bandwidth, for utilisation")
-    ap.add_argument("--out", default="runs/benchmarks/judge_results.json")
+    ap.add_argument("--peak_tflops", type=float, default=None, help="device peak, for MFU (default: arr_jax.perf)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
+    from arr_jax import perf
     from arr_jax.models.qwen3_vl import Qwen3VLConfig
 
-    model_dir = args.model_dir or build_snapshot(args.preset)
-    cfg = Qwen3VLConfig.from_dir(model_dir)
-    inputs, pv, grids = make_batch(cfg, args.batch, args.image_size, args.text_len)
-    b, s = inputs["input_ids"].shape
-    res = {"config": {k: v for k, v in vars(args).items()}, "prompt_tokens": s, "batch": b,
-           "ours": bench_ours(model_dir, args.dtype, inputs, args.new_tokens, args.reps)}
+    p = PRESETS[args.preset]
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else p[name]  # noqa: E731
+    dtype, B, image_size, text_len, new_tokens, reps = (pick(k) for k in ("dtype", "batch", "image_size", "text_len",
+                                                                          "new_tokens", "reps"))
+    result = report.header("judge")
+    if args.model_dir:
+        model_dir = args.model_dir
+    else:
+        model_dir = build_snapshot(args.preset) if p["source"] == "files" else None
+    cfg = Qwen3VLConfig.from_dir(model_dir) if model_dir else Qwen3VLConfig.from_hf(hf_config(args.preset).to_dict())
+    inputs, pv, grids = make_batch(cfg, B, image_size, text_len)
+    s = inputs["input_ids"].shape[1]
+    ours = Ours(p, model_dir, dtype, cfg, inputs, new_tokens, args.verdict_tokens)
+    ref = None
     if not args.no_torch:
-        res["transformers"] = bench_torch(model_dir, args.dtype, inputs, pv, grids, args.new_tokens, args.reps)
+        ref = report.Side(Torch, args.preset, model_dir, dtype, inputs, pv, grids, new_tokens, args.verdict_tokens)
+    t = {}
+    for metric, method in (("prefill", "prefill"), ("choice", "choices"), ("release", "release")):
+        sides = {"ours": getattr(ours, method)}
+        if ref is not None:
+            sides["transformers"] = ref.fn(method)
+        t[metric] = report.interleaved(sides, reps)
+    for metric, n in (("gen1", 1), ("genN", new_tokens)):
+        sides = {"ours": ours.generate(n)}
+        if ref is not None:
+            sides["transformers"] = ref.fn("_gen", n)
+        t[metric] = report.interleaved(sides, reps)
+    if ref is not None:
+        result["torch_side"] = ref.call("info")
+        ref.close()
+    f_pre, f_cho = ours.prefill_flops()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
 
-    o = res["ours"]
-    o["prefill_tflop_s"] = o["prefill_flops"] / o["prefill_s"] / 1e12
-    o["decode_gb_s"] = o["decode_step_bytes"] * (args.new_tokens - 1) / o["decode_s"] / 1e9
-    if args.peak_tflops:
-        o["prefill_mfu"] = o["prefill_tflop_s"] / args.peak_tflops
-    if args.peak_gbps:
-        o["decode_bw_util"] = o["decode_gb_s"] / args.peak_gbps
+    def side(n):
+        m = lambda k: t[k].get(n, {}).get("median_s")  # noqa: E731
+        if m("prefill") is None:
+            return {}
+        dec = m("genN") - m("gen1")  # the new_tokens - 1 decode steps
+        return {"prefill_tok_s": B * s / m("prefill"), "decisions_s": B / m("choice"),
+                "decode_tok_s": B * (new_tokens - 1) / dec if dec > 0 else None, "release_decisions_s": B / m("release"),
+                "prefill_tflop_s": f_pre / m("prefill") / 1e12, "prefill_mfu": perf.mfu(f_pre, m("prefill"), peak_flops=peak),
+                "choice_mfu": perf.mfu(f_cho, m("choice"), peak_flops=peak)}
 
-    rows = [("prefill tok/s", "prefill_tok_s"), ("decode tok/s", "decode_tok_s"),
-            ("pairwise decisions/s", "decisions_s")]
-    print(f"\nQwen3-VL judge  batch={b} prompt={s} tokens new={args.new_tokens} dtype={args.dtype} "
-          f"device={o['device']}")
-    print(f"{'metric':<24}{'ours':>14}{'transformers':>14}{'ratio':>8}")
-    for name, key in rows:
-        ref = res.get("transformers", {}).get(key)
-        ratio = f"{o[key] / ref:8.2f}" if ref else f"{'-':>8}"
-        print(f"{name:<24}{o[key]:>14.1f}{(ref if ref else float('nan')):>14.1f}{ratio}")
-    print(f"{'prefill GFLOP / GB':<24}{o['prefill_flops'] / 1e9:>14.3f}{o['prefill_bytes'] / 1e9:>14.3f}")
-    print(f"{'decode step GFLOP / GB':<24}{o['decode_step_flops'] / 1e9:>14.4f}{o['decode_step_bytes'] / 1e9:>14.4f}")
-    print(f"{'prefill TFLOP/s':<24}{o['prefill_tflop_s']:>14.4f}"
-          + (f"   MFU {o['prefill_mfu']:.1%}" if "prefill_mfu" in o else ""))
-    print(f"{'decode GB/s':<24}{o['decode_gb_s']:>14.2f}"
-          + (f"   BW util {o['decode_bw_util']:.1%}" if "decode_bw_util" in o else ""))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"wrote {args.out}")
-    return res
+    o, r = side("ours"), side("transformers")
+    rows = [
+        {"row": "prefill tok/s (like for like)", "ours": o["prefill_tok_s"], "ref": r.get("prefill_tok_s")},
+        {"row": "choice decisions/s (like for like)", "ours": o["decisions_s"], "ref": r.get("decisions_s")},
+        {"row": "decode tok/s (like for like)", "ours": o["decode_tok_s"], "ref": r.get("decode_tok_s")},
+        {"row": f"decisions/s: our choice vs release ({args.verdict_tokens}-token JSON verdict, parsed)",
+         "ours": o["decisions_s"], "ref": r.get("release_decisions_s")},
+        {"row": "prefill MFU", "ours": o["prefill_mfu"], "ref": r.get("prefill_mfu")},
+        {"row": "prefill TFLOP/s", "ours": o["prefill_tflop_s"], "ref": r.get("prefill_tflop_s")},
+    ]
+    for row in rows[:4]:
+        row["ratio"] = report.ratio(row["ours"], row["ref"])
+    result.update({"preset": args.preset, "model_dir": model_dir, "dtype": dtype, "batch": B, "prompt_tokens": s,
+                   "image_size": image_size, "new_tokens": new_tokens, "verdict_tokens": args.verdict_tokens,
+                   "reps": reps, "timing": t, "ours": o, "transformers": r, "prefill_flops": f_pre,
+                   "choice_flops": f_cho, "rows": rows})
+    md = report.table(rows, [("metric", "row"), ("ours", "ours"), ("transformers", "ref"), ("ratio", "ratio")])
+    md += (f"\n\nQwen3-VL judge ({args.preset}): batch {B} pairs, {s} prompt tokens, {dtype}, prefill "
+           f"{f_pre / 1e9:.1f} GFLOP; MFU needs a known chip (CPU: -)")
+    result["markdown_table"] = md
+    out = report.write(result, args.out or f"runs/benchmarks/judge_{args.preset}.json")
+    report.print_result("judge", md, result)
+    print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

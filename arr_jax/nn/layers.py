@@ -66,9 +66,46 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            low = jnp.matmul(x, self.lora_a[...].astype(self.dtype))
-            y = y + (self.lora_scale * jnp.matmul(low, self.lora_b[...].astype(self.dtype))).astype(self.dtype)
+            y = y + lora_delta(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype),
+                               float(self.lora_scale))
         return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """The low-rank update ``scale * (x @ a) @ b`` in x's dtype; x: (..., in), a: (in, r), b: (r, out).
+
+    Same numbers as the plain expression; only the backward is written out (see `_lora_delta_bwd`).
+    """
+    return (scale * jnp.matmul(jnp.matmul(x, a), b)).astype(x.dtype)
+
+
+def _lora_delta_fwd(x, a, b, scale):
+    low = jnp.matmul(x, a)
+    return (scale * jnp.matmul(low, b)).astype(x.dtype), (x, a, b, low)
+
+
+def _lora_delta_bwd(scale, res, g):
+    """Gradients with the small (tokens x r) operand on the left of each token contraction.
+
+    JAX's own transpose of ``low @ b`` computes ``db`` as ``(g^T @ low)^T``: the big cotangent ``g``
+    (tokens x out) becomes the left operand of a contraction over tokens, and XLA's CPU matmul then
+    materialises a transposed copy of it -- one per adapted layer and step, the largest single cost of
+    the LoRA backward on CPU (issue 12's profile). Here ``db = low^T @ g`` and ``a``'s gradient is
+    ``(dlow^T @ x)^T``: only the (tokens x r) operands are transposed.
+    """
+    x, a, b, low = res
+    g = (g * scale).astype(g.dtype)
+    lead = tuple(range(x.ndim - 1))
+    last = x.ndim - 1
+    dlow = jax.lax.dot_general(g, b, (((last,), (1,)), ((), ())))            # (..., r)
+    db = jax.lax.dot_general(low, g, ((lead, lead), ((), ())))                 # (r, out)
+    da = jax.lax.dot_general(dlow, x, ((lead, lead), ((), ()))).T             # (in, r)
+    dx = jax.lax.dot_general(dlow, a, (((last,), (1,)), ((), ())))            # (..., in)
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

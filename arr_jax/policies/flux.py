@@ -60,7 +60,7 @@ def check_host_memory(model_dir: str | Path, what: str = "configs/flux_dev_t2i.p
 
 
 def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0):
-    """The `FluxPipeline` of ``cfg.model_dir`` (dtypes, attention and remat from ``cfg.flux``)."""
+    """The `FluxPipeline` of ``cfg.model_dir`` (dtypes, attention, remat and scan_blocks from ``cfg.flux``)."""
     from arr_jax.diffusion.flux_pipeline import FluxPipeline
 
     if not cfg.model_dir:
@@ -75,7 +75,8 @@ def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0):
     return FluxPipeline.from_pretrained(
         cfg.model_dir, cache_dir=cache_dir, rules=rules, dtype=f.dtype, text_dtype=f.text_dtype,
         vae_dtype=f.vae_dtype, t5_max_length=f.t5_max_length, lora=lora, lora_seed=lora_seed,
-        expect=PIPELINE_KIND[cfg.kind], attention_impl=f.attention_impl, remat=f.remat)
+        expect=PIPELINE_KIND[cfg.kind], attention_impl=f.attention_impl, remat=f.remat,
+        scan_blocks=bool(f.get("scan_blocks", False)))
 
 
 def build(cfg, rules=None) -> Policy:
