@@ -131,3 +131,9 @@ def test_one_iteration_logs_the_metrics():
               "time/update", "throughput/images_per_s", "throughput/update_sample_steps_per_s"):
         assert k in m and np.isfinite(m[k]), k
     assert tr.iteration == 1
+    # achieved TFLOP/s of every jitted program, compile seconds on the first iteration, no MFU on CPU
+    for phase in ("rollout", "reference", "update"):  # (the pixel-space decode has no matmuls)
+        assert m[f"perf/{phase}_tflop_s"] > 0, phase
+    assert m["compile/update_s"] > 0 and not any(k.endswith("_mfu") for k in m)
+    m2 = tr.step(PROMPTS)
+    assert "compile/update_s" not in m2 and m2["perf/update_tflop_s"] > 0

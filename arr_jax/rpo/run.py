@@ -319,6 +319,10 @@ def _postfix(m: dict, history: list[dict]) -> dict:
     out = {"tie": f"{m['tie_rate']:.2f}", "kl": f"{m['kl']:.1e}", "s/it": f"{m['time/iteration']:.1f}"}
     if "throughput/images_per_s" in m:
         out["img/s"] = f"{m['throughput/images_per_s']:.1f}"
+    if "perf/update_tflop_s" in m:
+        out["upd TF/s"] = f"{m['perf/update_tflop_s']:.2f}"
+    if "perf/update_mfu" in m:
+        out["MFU"] = f"{100 * m['perf/update_mfu']:.0f}%"
     if last_eval is not None:
         out["win"] = f"{last_eval['eval/win_rate']:.2f}"
     return out

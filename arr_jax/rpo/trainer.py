@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arr_jax.diffusion.schedule import rollout_sigmas
 from arr_jax.judge.base import PairwiseBatch, concat
+from arr_jax.perf import Instrumented, mfu
 from arr_jax.multihost import from_host_local, local_rows, sum_over_processes, to_host_local, union_keys
 from arr_jax.policies.base import Policy, PromptItem, as_items
 from arr_jax.rpo.programs import LossConfig, PolicyPrograms, make_optimizer
@@ -196,8 +197,17 @@ class RPOTrainer:
         self.programs = PolicyPrograms(self.graphdef, policy.apply_fn, loss, self.tx, self.sigmas)
         # images come out sharded like the batch, so each process reads back its own rows only
         self._decode = jax.jit(policy.decode_fn, out_shardings=self._sharding(4))
+        # Every program of an iteration is compiled ahead of time once per input signature and counts
+        # its FLOPs (`arr_jax.perf`): achieved TFLOP/s and MFU per phase go into each step's metrics.
+        self.programs.rollout = Instrumented(self.programs.rollout, "rollout")
+        self.programs.ref_pass = Instrumented(self.programs.ref_pass, "reference")
+        self.programs.train_step = Instrumented(self.programs.train_step, "update")
+        self._decode = Instrumented(self._decode, "decode")
+        self._instrumented = {"rollout": self.programs.rollout, "decode": self._decode,
+                              "reference": self.programs.ref_pass, "update": self.programs.train_step}
         self._noise_fns: dict = {}
         self._judge_pool = None
+        self._compile_seen: dict[str, float] = {}
         self.key = jax.random.key(seed)
         self.iteration = 0
         self.counters = {"nonfinite_updates": 0}
@@ -434,8 +444,14 @@ class RPOTrainer:
         K = len(s.trained_steps())
         chunk = s.steps_per_update or K
         orders = [rng.permutation(K) for _ in range(s.ppo_epochs)]
+        self._recompute_flops = 0.0
         if s.recompute_logp_old:
+            before = self.programs.train_step.flops_run
             dev["logp_old"] = self._recompute_logp_old(dev, orders[0], chunk)
+            # forward-only calls of the update program: timed and counted apart from the optimiser steps
+            self._recompute_flops = self.programs.train_step.flops_run - before
+            self.timing["logp_old"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
         history = []
         for order in orders:
             for c0 in range(0, K, chunk):
@@ -479,6 +495,8 @@ class RPOTrainer:
         ratio stats, clip_frac, grad_norm), seconds per phase (``time/*``) and throughput.
         """
         self.timing = {}
+        for prog in self._instrumented.values():
+            prog.reset()
         t0 = time.perf_counter()
         key = jax.random.fold_in(self.key, self.iteration)
         if getattr(self.judge, "host_only", False):
@@ -507,9 +525,28 @@ class RPOTrainer:
         return out
 
     def _throughput(self, n_pairs: int) -> dict:
+        """Rates of this iteration: images/s, judge decisions/s, update sample-steps/s, and for each
+        jitted program its achieved TFLOP/s (model FLOPs from its jaxpr over the phase's seconds) and
+        MFU against the chip's peak (`arr_jax.perf`; none on CPU); compile seconds when it compiled."""
         t, s = self.timing, self.s
         sample_steps = 2 * n_pairs * len(s.trained_steps()) * s.ppo_epochs
         out = {}
+        n_dev = self.rules.mesh.size if self.rules is not None and self.rules.mesh is not None else 1
+        device = (self.rules.mesh.devices.flat[0] if self.rules is not None and self.rules.mesh is not None
+                  else jax.devices()[0])
+        for phase, prog in self._instrumented.items():
+            seconds = t.get(phase, 0.0)
+            # the logp_old recompute runs the update program forward only; its cond counts the backward
+            # too, so those calls are left out of the update's rate (their seconds are time/logp_old)
+            flops = prog.flops_run - (getattr(self, "_recompute_flops", 0.0) if phase == "update" else 0.0)
+            if prog.calls and seconds > 0 and flops > 0:
+                out[f"perf/{phase}_tflop_s"] = flops / seconds / 1e12
+                u = mfu(flops, seconds, device, num_devices=n_dev)
+                if u is not None:
+                    out[f"perf/{phase}_mfu"] = u
+            if prog.compile_s > self._compile_seen.get(phase, 0.0):
+                out[f"compile/{phase}_s"] = prog.compile_s - self._compile_seen.get(phase, 0.0)
+                self._compile_seen[phase] = prog.compile_s
         if t.get("rollout", 0) + t.get("decode", 0) > 0:
             out["throughput/images_per_s"] = 2 * n_pairs / (t.get("rollout", 0) + t.get("decode", 0))
         if t.get("judge_busy", 0) > 0:
