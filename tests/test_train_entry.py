@@ -467,3 +467,22 @@ def test_every_entry_point_answers_help():
         r = _run(f"arr_jax.{entry}", ["--help"], cwd=ROOT, devices=1, timeout=300)
         assert "Traceback" not in r.stderr and r.returncode in (0, 1), (entry, r.stderr[-2000:])
         assert "--" in r.stdout + r.stderr, entry
+
+
+@pytest.mark.slow
+def test_judge_on_its_own_sub_mesh(files, tmp_path):
+    """``judge.mesh=4`` on 8 devices: the Qwen3-VL judge's weights on 4 devices, the policy on the
+    other 4, and an RPO iteration with the held-out evaluation runs across both."""
+    import jax
+
+    from arr_jax.rpo.run import build_run, train
+
+    cfg = _cfg(files, tmp_path, judge__mesh=4, rpo__iterations=1, rpo__eval_every=1, rpo__micro_batch=4,
+               rpo__pairs_per_batch=2)
+    run = build_run(cfg)
+    policy_devices = {d.id for d in run.trainer.rules.mesh.devices.flat}
+    decoder = run.judge.judge.backend.decoder
+    judge_devices = {d.id for leaf in jax.tree.leaves(decoder.state) for d in leaf.sharding.device_set}
+    assert len(policy_devices) == 4 and judge_devices == {d.id for d in jax.devices()} - policy_devices
+    history = train(run, progress=False)
+    assert history[-1]["eval/pairs"] == 2 and (tmp_path / "run" / "lora" / "final.safetensors").exists()
