@@ -308,6 +308,8 @@ class Instrumented:
     """
 
     def __init__(self, jitted: Callable, name: str = ""):
+        if isinstance(jitted, Instrumented):   # wrapping twice counts from here on, compiles once more
+            jitted = jitted.fn
         if not hasattr(jitted, "lower"):
             raise TypeError(f"Instrumented needs a jax.jit-ed function, got {type(jitted).__name__}")
         self.fn, self.name = jitted, name or getattr(jitted, "__name__", "program")
@@ -331,6 +333,9 @@ class Instrumented:
 
     def lower(self, *args, **kwargs):
         return self.fn.lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        return self.fn.trace(*args, **kwargs)
 
     def reset(self) -> None:
         """Forget call counts (compiled programs and costs are kept)."""

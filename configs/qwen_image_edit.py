@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.qwen.text_dtype = "bfloat16"  # Qwen2.5-VL-7B
     c.qwen.vae_dtype = "float32"
     c.qwen.attention_impl = "xla"
-    c.qwen.remat = True
+    c.qwen.remat = "full"           # update remat per block: "full", "dots" or "none" (arr_jax.nn.remat)
     c.qwen.text_len = 512           # training: text states padded to this (instruction + condition image)
     c.qwen.vae_area = 1024 * 1024   # sampling: sources resized to ~this area, aspect kept (0 = keep size)
     c.qwen.condition_area = 384 * 384  # Edit-2509: the text encoder's copy of each source
@@ -85,13 +85,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def apply_tiny(c: ml_collections.ConfigDict) -> None:
     """CPU-sized settings for the tiny random snapshot of tests/_tiny_qwen_image.py (32x32, float32)."""
     c.flux = ml_collections.ConfigDict(dict(dtype="float32", text_dtype="float32", vae_dtype="float32",
-                                            t5_max_length=16, remat=False))
+                                            t5_max_length=16, remat="none"))
     flux_dev_t2i.apply_tiny(c)  # the shared CPU sizes (mesh, steps, batches, the tiny judge)
     del c["flux"]
     c.outdir = "runs/samples/tiny_qwen_image_edit"
     c.workdir = "runs/tiny_qwen_image_edit_rpo"
     c.qwen.dtype = c.qwen.text_dtype = c.qwen.vae_dtype = "float32"
-    c.qwen.remat = False
+    c.qwen.remat = "none"
     c.qwen.text_len = 320
     c.qwen.vae_area = 64 * 64
     c.qwen.condition_area = 32 * 32

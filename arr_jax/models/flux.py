@@ -27,6 +27,7 @@ from arr_jax.nn.layers import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLaye
                                Linear, MLPEmbedder, layer_norm, modulate, timestep_embedding)
 from arr_jax.nn.lora import LoRAConfig, apply_lora
 from arr_jax.nn.rope import rope_angles
+from arr_jax.nn.remat import REMAT_MODES, check_remat, checkpoint, remat_policy  # noqa: F401 (re-exported)
 from arr_jax.sharding import ShardingRules, param_shardings, shard
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +68,7 @@ class FluxConfig:
         return self.patch_size ** 2 * (self.out_channels or self.in_channels)
 
     def __post_init__(self):
-        if remat_policy(self.remat) == "?":
-            raise ValueError(f"FluxConfig.remat must be a bool or one of {REMAT_MODES}, got {self.remat!r}")
+        check_remat(self.remat, "FluxConfig.remat")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
                              f"{self.attention_head_dim}")
@@ -183,29 +183,6 @@ class FluxSingleTransformerBlock(nnx.Module):
         return shard(x, self.rules, "batch", "seq", "act_embed")
 
 
-REMAT_MODES = ("none", "full", "dots")
-
-
-def remat_policy(remat: bool | str):
-    """The ``jax.checkpoint`` policy of a `FluxConfig.remat` value: None (no remat), "full" (save nothing
-    but the block inputs), a checkpoint policy ("dots": Linear outputs saveable), or "?" if unknown."""
-    mode = {False: "none", True: "full"}.get(remat, remat) if isinstance(remat, bool) else remat
-    if mode == "none":
-        return None
-    if mode == "full":
-        return "full"
-    if mode == "dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return "?"
-
-
-def _checkpoint(fn, remat):
-    policy = remat_policy(remat)
-    if policy is None:
-        return fn
-    return jax.checkpoint(fn) if policy == "full" else jax.checkpoint(fn, policy=policy)
-
-
 def _run_blocks(blocks, carry: tuple, extra: tuple, *, remat, scan: bool) -> tuple:
     """Apply ``blocks`` in order: ``carry = block(*carry, *extra)`` (a single output is re-wrapped).
 
@@ -225,11 +202,11 @@ def _run_blocks(blocks, carry: tuple, extra: tuple, *, remat, scan: bool) -> tup
 
     if scan and len(blocks) > 1 and all(g == graphdef for g, _ in split[1:]):
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in split])
-        body = _checkpoint(lambda c, st: (call(st, c), None), remat)
+        body = checkpoint(lambda c, st: (call(st, c), None), remat)
         carry, _ = jax.lax.scan(body, carry, stacked)
         return carry
     for (g, state) in split:
-        fn = _checkpoint(lambda st, c, g=g: (lambda o: o if isinstance(o, tuple) else (o,))(
+        fn = checkpoint(lambda st, c, g=g: (lambda o: o if isinstance(o, tuple) else (o,))(
             nnx.merge(g, st)(*c, *extra)), remat)
         carry = fn(state, carry)
     return carry

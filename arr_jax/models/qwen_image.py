@@ -40,6 +40,7 @@ from flax import nnx
 from arr_jax.nn.attention import Attention
 from arr_jax.nn.layers import AdaLayerNormContinuous, FeedForward, Linear, MLPEmbedder, RMSNorm, layer_norm
 from arr_jax.nn.lora import LoRAConfig, apply_lora
+from arr_jax.nn.remat import check_remat, checkpoint, remat_policy
 from arr_jax.sharding import ShardingRules, param_shardings, shard
 
 
@@ -61,7 +62,7 @@ class QwenImageConfig:
     dtype: Any = jnp.float32       # compute dtype of matmuls / residual stream
     lora: LoRAConfig | None = None
     attention_impl: str = "xla"    # see arr_jax.nn.attention.dot_product_attention
-    remat: bool = False            # rematerialise each block in the backward pass
+    remat: bool | str = False      # per block in the backward pass: a bool or arr_jax.nn.remat.REMAT_MODES
 
     @property
     def inner_dim(self) -> int:
@@ -72,6 +73,7 @@ class QwenImageConfig:
         return self.patch_size ** 2 * (self.out_channels or self.in_channels)
 
     def __post_init__(self):
+        check_remat(self.remat, "QwenImageConfig.remat")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
                              f"{self.attention_head_dim}")
@@ -231,10 +233,12 @@ class QwenImageTransformerBlock(nnx.Module):
         return img, txt
 
 
-def _remat_call(block: nnx.Module, *args):
-    """``block(*args)`` whose activations are recomputed in the backward pass (a pure jax.checkpoint)."""
+def _block_call(block: nnx.Module, remat: bool | str, *args):
+    """``block(*args)``, rematerialised in the backward pass per ``remat`` (`arr_jax.nn.remat`)."""
+    if remat_policy(remat) is None:
+        return block(*args)
     graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args))(state, *args)
+    return checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args), remat)(state, *args)
 
 
 class QwenImageTransformer(nnx.Module):
@@ -279,9 +283,8 @@ class QwenImageTransformer(nnx.Module):
         rope = qwen_rope_angles(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope, cfg.rope_theta)
         mask = None if txt_mask is None else txt_mask.astype(bool)
 
-        run = _remat_call if cfg.remat else (lambda block, *args: block(*args))
         for block in self.transformer_blocks:
-            img, txt = run(block, img, txt, temb, rope, mask, temb_cond, is_cond)
+            img, txt = _block_call(block, cfg.remat, img, txt, temb, rope, mask, temb_cond, is_cond)
         return self.proj_out(self.norm_out(img, temb))
 
 
