@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-CURVE_KEYS = ("eval/accuracy", "eval/win_rate", "eval/criteria/colour", "eval/criteria/shape",
-              "eval/criteria/count", "eval/criteria/position", "decisive_rate", "kl", "clip_frac")
+CURVE_KEYS = ("eval/accuracy", "eval/win_rate",
+              ("eval/criteria/colour", "eval/criteria/shape", "eval/criteria/count", "eval/criteria/position"),
+              "decisive_rate", "kl", "clip_frac")
 
 
 def run(cfg) -> dict:
     from arr_jax.arr.induction import induce_from_config
-    from arr_jax.rpo.figures import save_curves, save_grid
+    from arr_jax.rpo.figures import save_before_after, save_curves
     from arr_jax.rpo.run import build_run, train
     from arr_jax.world.evaluate import criteria_table, paired_comparison, summarize
     from arr_jax.world.judge import WorldJudge
@@ -62,14 +63,17 @@ def run(cfg) -> dict:
     save_curves(work / "reward_curve.png", history, CURVE_KEYS,
                 "RPO on the synthetic world (held-out prompts every eval_every iterations)")
     per = min(k, 4)
-    rows, labels = [], []
     shown = np.linspace(0, len(prompts) - 1, min(cfg.eval.grid_prompts, len(prompts))).round().astype(int)
-    for i in shown:
-        rows += [base_imgs[i * k: i * k + per], rpo_imgs[i * k: i * k + per]]
-        labels += [f"{prompts[i]}\nbase", "RPO"]
-    save_grid(work / "before_after.png", rows, labels,
-              f"held-out prompts, same seeds: base (acc {base_sum['accuracy']:.2f}) vs RPO (acc {rpo_sum['accuracy']:.2f})",
-              col_labels=[f"seed {s}" for s in range(per)])
+    crits = ("colour", "shape", "count", "position")
+
+    def block(x):  # (P*k, ...) -> the shown prompts' first `per` seeds, (len(shown), per, ...)
+        return np.asarray(x).reshape(len(prompts), k, *np.shape(x)[1:])[shown, :per]
+
+    save_before_after(work / "before_after.png", [prompts[i] for i in shown], block(base_imgs), block(rpo_imgs),
+                      f"held-out prompts, same seeds: base (accuracy {base_sum['accuracy']:.2f}) vs RPO "
+                      f"(accuracy {rpo_sum['accuracy']:.2f})",
+                      checks_base={c: block(base_tab[c]) for c in crits},
+                      checks_rpo={c: block(rpo_tab[c]) for c in crits})
     report = {
         "base_accuracy": base_sum["accuracy"], "rpo_accuracy": rpo_sum["accuracy"],
         "gain": cmp["gain"], "gain_se": cmp["gain_se"], "gain_z": cmp["gain_z"], "n_images": cmp["n_images"],

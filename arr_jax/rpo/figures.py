@@ -50,27 +50,128 @@ def save_grid(path: str | Path, rows: Sequence[np.ndarray], row_labels: Sequence
     return path
 
 
-def save_curves(path: str | Path, history: Sequence[dict], keys: Sequence[str], title: str,
-                cols: int = 3) -> Path | None:
-    """One small panel per metric key present in ``history`` (a list of per-iteration dicts with
-    ``iteration``), ``cols`` panels per row, a moving average over noisy curves. None if no key."""
+CRITERION_MARKS = {"colour": "C", "shape": "S", "count": "#", "position": "P", "clean_background": "B"}
+
+
+def save_before_after(path: str | Path, prompts: Sequence[str], base: np.ndarray, rpo: np.ndarray, title: str,
+                      checks_base: dict[str, np.ndarray] | None = None,
+                      checks_rpo: dict[str, np.ndarray] | None = None,
+                      blocks_per_row: int = 2, cell_inches: float = 0.95) -> Path:
+    """Base vs RPO on the same prompts and seeds: one framed block per prompt, titled by the prompt,
+    its "base" row above its "RPO" row, a column per seed.
+
+    ``base``/``rpo``: uint8 (P, K, H, W, 3), P prompts x K seeds (the same noise in both). With
+    ``checks_base``/``checks_rpo`` ({criterion: (P, K) bool}), each image gets one mark per
+    criterion under it (`CRITERION_MARKS`: green = satisfied, red = not), and each row its count of
+    satisfied checks. Raises ``ValueError`` if the shapes disagree. Returns the path.
+    """
     plt = _plt()
-    keys = [k for k in keys if any(k in h for h in history)]
-    if not keys:
+    base, rpo = np.asarray(base), np.asarray(rpo)
+    if base.shape != rpo.shape or base.ndim != 5 or len(prompts) != base.shape[0]:
+        raise ValueError(f"base {base.shape} and rpo {rpo.shape} must both be (P={len(prompts)}, K, H, W, 3)")
+    n, k = base.shape[:2]
+    for side, checks in (("checks_base", checks_base), ("checks_rpo", checks_rpo)):
+        for c, v in (checks or {}).items():
+            if np.shape(v) != (n, k):
+                raise ValueError(f"{side}[{c!r}] has shape {np.shape(v)}; expected (P, K) = {(n, k)}")
+    cols = max(1, min(blocks_per_row, n))
+    grid_rows = math.ceil(n / cols)
+    marks = bool(checks_base) and bool(checks_rpo)
+    row_h = cell_inches + (0.2 if marks else 0.0)
+    block_w, block_h = 0.75 + k * cell_inches, 0.4 + 2 * row_h
+    fig_w = cols * block_w + 0.2
+    lines = [title]
+    if marks:
+        crits = [c for c in checks_base if c in CRITERION_MARKS]
+        lines.append("marks under each image: " + ", ".join(f"{CRITERION_MARKS[c]} {c}" for c in crits)
+                     + " (green: satisfied, red: not)")
+    text = "\n".join(textwrap.fill(t, int(14 * fig_w)) for t in lines)
+    header = 0.2 + 0.17 * (text.count("\n") + 1)
+    fig = plt.figure(figsize=(fig_w, grid_rows * block_h + header))
+    top, body = fig.subfigures(2, 1, height_ratios=[header, grid_rows * block_h])
+    subfigs = np.atleast_1d(body.subfigures(grid_rows, cols, wspace=0.04, hspace=0.04)).reshape(grid_rows, cols)
+    for b in range(grid_rows * cols):
+        sf = subfigs.flat[b]
+        if b >= n:
+            continue
+        sf.set_edgecolor("0.55")
+        sf.set_linewidth(1.0)
+        sf.suptitle(textwrap.shorten(prompts[b], 48), fontsize=8.5, fontweight="bold", y=0.985)
+        axes = sf.subplots(2, k, squeeze=False, gridspec_kw=dict(left=0.75 / block_w, right=0.98, top=0.86,
+                                                                 bottom=0.1 if marks else 0.03, hspace=0.3 if marks else 0.08,
+                                                                 wspace=0.06))
+        for r, (name, imgs, checks) in enumerate((("base", base, checks_base), ("RPO", rpo, checks_rpo))):
+            for j in range(k):
+                ax = axes[r, j]
+                ax.imshow(imgs[b, j], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for side in ax.spines.values():
+                    side.set_color("#2b7bba" if name == "RPO" else "0.4")
+                    side.set_linewidth(1.5 if name == "RPO" else 0.8)
+                if marks:
+                    crits = [c for c in checks if c in CRITERION_MARKS]
+                    for m, c in enumerate(crits):
+                        ok = bool(np.asarray(checks[c])[b, j])
+                        ax.text((m + 0.5) / len(crits), -0.04, CRITERION_MARKS[c], transform=ax.transAxes,
+                                ha="center", va="top", fontsize=6.5, fontweight="bold",
+                                color="#1a9641" if ok else "#d7191c")
+            label = name
+            if marks:
+                crits = [c for c in checks if c in CRITERION_MARKS]
+                got = sum(int(np.asarray(checks[c])[b].sum()) for c in crits)
+                label += f"\n{got}/{len(crits) * k}"
+            axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8,
+                                  color="#2b7bba" if name == "RPO" else "black",
+                                  fontweight="bold" if name == "RPO" else "normal")
+    top.suptitle(text, fontsize=9, y=0.95, va="top")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_curves(path: str | Path, history: Sequence[dict], keys: Sequence[str | tuple[str, ...]], title: str,
+                cols: int = 3) -> Path | None:
+    """One small panel per metric in ``history`` (a list of per-iteration dicts with ``iteration``),
+    ``cols`` panels per row, a moving average over noisy training curves.
+
+    An entry of ``keys`` is a metric name or a tuple of names drawn in one panel with a legend (e.g.
+    the four criteria); metrics absent from ``history`` are left out, and None is returned if none
+    is present. Sized to be read at its natural size (about 330 x 260 px per panel at 110 dpi).
+    """
+    plt = _plt()
+    panels = []
+    for k in keys:
+        group = tuple(k) if isinstance(k, (tuple, list)) else (k,)
+        group = tuple(g for g in group if any(g in h for h in history))
+        if group:
+            panels.append(group)
+    if not panels:
         return None
-    cols = min(cols, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows + 0.4), squeeze=False)
-    for ax in axes.flat[len(keys):]:
+    cols = min(cols, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.35 * rows + 0.45), squeeze=False)
+    for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, k in zip(axes.flat, keys):
-        xs = [h["iteration"] for h in history if k in h]
-        ys = [h[k] for h in history if k in h]
-        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, lw=1, alpha=0.6 if len(ys) >= 8 else 1.0)
-        if len(ys) >= 8 and not k.startswith("eval/"):
-            w = max(3, len(ys) // 8)
-            ax.plot(xs[w - 1:], np.convolve(ys, np.ones(w) / w, mode="valid"), lw=2)
-        ax.set_title(k, fontsize=9)
+    for ax, group in zip(axes.flat, panels):
+        for k in group:
+            xs = [h["iteration"] for h in history if k in h]
+            ys = [h[k] for h in history if k in h]
+            label = k.rsplit("/", 1)[-1] if len(group) > 1 else None
+            line, = ax.plot(xs, ys, marker="." if len(xs) < 30 else None, lw=1,
+                            alpha=0.5 if len(ys) >= 8 and not k.startswith("eval/") else 1.0, label=label)
+            if len(ys) >= 8 and not k.startswith("eval/"):
+                w = max(3, len(ys) // 8)
+                ax.plot(xs[w - 1:], np.convolve(ys, np.ones(w) / w, mode="valid"), lw=2, color=line.get_color())
+        if len(group) > 1:
+            prefix = group[0].rsplit("/", 1)[0]
+            ax.set_title(prefix if all(g.startswith(prefix + "/") for g in group) else ", ".join(group), fontsize=9)
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.set_title(group[0], fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
