@@ -8,6 +8,8 @@ needs. Resumable (orbax checkpoints in ``pretrain.workdir``). Writes the base ch
 (safetensors + JSON with seed, config and loss) to ``base_checkpoint`` when that names a file,
 else to ``<pretrain.workdir>/base_policy.safetensors``; it replaces the base policy shipped in
 the package (the one the README's numbers come from) only with ``pretrain.replace_shipped=True``.
+``pretrain.init_from`` names an earlier base file to start from (a longer pretraining) instead of
+random weights.
 """
 from __future__ import annotations
 
@@ -92,6 +94,12 @@ def run(cfg) -> dict:
     images, captions, _ = load_world_arrays(cfg, "train")
     tokens, _ = spec.tokenize(captions, cfg.model.max_tokens)
     policy = WorldPolicy(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    init_from = pc.get("init_from", "")
+    if init_from:  # longer pretraining: start from an earlier base (its config must match cfg.model)
+        from arr_jax.world.policy import load_base
+
+        earlier = load_base(policy, init_from)
+        print(f"pretraining from {init_from} ({earlier.get('steps')} steps, loss {earlier.get('final_loss')})")
     graphdef, params = nnx.split(policy, nnx.Param)
     sched = optax.warmup_cosine_decay_schedule(0.0, pc.learning_rate, min(pc.warmup, pc.steps // 2),
                                              pc.steps, pc.learning_rate * 0.05)
@@ -125,7 +133,7 @@ def run(cfg) -> dict:
             ckpt.save(it + 1, {"params": params, "opt_state": opt_state}, force=True)
     ckpt.wait()
     nnx.update(policy, params)
-    info = {"seed": cfg.seed, "steps": pc.steps, "model": cfg.model.to_dict(), "world": cfg.world.to_dict(),
+    info = {"seed": cfg.seed, "steps": pc.steps, "init_from": init_from or None, "model": cfg.model.to_dict(), "world": cfg.world.to_dict(),
             "pretrain": pc.to_dict(), "final_loss": losses[-1][1] if losses else None,
             "seconds_this_run": time.perf_counter() - t_start}
     save_base(policy, out, info)

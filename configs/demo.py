@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.workdir = "runs/pretrain"
     c.pretrain.auto = False          # pretrain a missing base_checkpoint instead of stopping
     c.pretrain.replace_shipped = False  # write the shipped asset itself (what the README's numbers use)
+    c.pretrain.init_from = ""        # an earlier base .safetensors to continue from (longer pretraining)
 
     # --- ARR: rubric induction on labelled world pairs (python -m arr_jax.induce) ----------
     c.induce = _induce_world().get_config()

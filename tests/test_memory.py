@@ -293,7 +293,8 @@ def test_qwen_image_edit_workload_is_the_config():
     c, wl = mod.get_config(), Workload.qwen_image_edit()
     assert (wl.pairs, wl.num_steps, wl.lora_rank, wl.lora_alpha, wl.height, wl.width, wl.txt_len, wl.remat) == (
         c.rpo.pairs_per_batch, c.rpo.num_steps, c.rpo.lora_rank, c.rpo.lora_alpha, c.rpo.height, c.rpo.width,
-        c.qwen.text_len, c.qwen.remat)
+        c.qwen.text_len, True)
+    assert c.qwen.remat == "full"  # the memory model's remat=True: only block inputs kept for the backward
     assert wl.micro_batch == c.rpo.micro_batch and c.qwen.release_text_encoder
     assert (wl.target_tokens, wl.image_tokens) == (1024, 2048)   # 512² target + one 512² source
     assert Workload.qwen_image_edit(micro_batch=4).micro_batch == 4
