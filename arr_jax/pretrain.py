@@ -38,8 +38,15 @@ def load_world_arrays(cfg, split: str):
     return arr["image"], list(arr["caption"]), list(arr["prompt"])
 
 
-def make_train_step(graphdef, tx, patch: int, size: int, max_tokens: int, time_shift: float):
-    """Jitted flow-matching step: ``x_s = (1-s) x0 + s n``, loss ``|v_pred - (n - x0)|^2``.
+def make_train_step(graphdef, tx, patch: int, size: int, max_tokens: int, time_shift: float,
+                    loss_floor: float = 0.0):
+    """Jitted flow-matching step: ``x_s = (1-s) x0 + s n``, loss ``w(s) |v_pred - (n - x0)|^2``.
+
+    ``w(s) = s^2 / (s^2 + loss_floor)`` (1 when ``loss_floor = 0``, plain velocity matching). With
+    an x0-predicting network the velocity error is the x0 error over ``s``, so plain velocity
+    matching weights low-noise detail by ``1/s^2``; a ``loss_floor`` c caps that weight at ``1/c``
+    and leaves relatively more of the gradient to the high-noise steps where the caption decides
+    layout, colour and shape.
 
     ``v_pred`` comes from `PixelSpace.apply` (an x0-predicting network turned into a velocity),
     the same function the RPO rollout calls.
@@ -57,7 +64,8 @@ def make_train_step(graphdef, tx, patch: int, size: int, max_tokens: int, time_s
         x_t = (1.0 - s) * x0 + s * noise
         txt, pooled = policy.text(tokens)
         v = px.apply(policy.flux, x_t, sigma, {"txt": txt, "pooled": pooled})
-        return jnp.mean((v - (noise - x0)) ** 2)
+        w = sigma ** 2 / (sigma ** 2 + loss_floor)
+        return jnp.mean(w[:, None, None] * (v - (noise - x0)) ** 2)
 
     def step(params, opt_state, images, tokens, key):
         loss, grads = jax.value_and_grad(loss_fn)(params, images, tokens, key)
@@ -106,7 +114,7 @@ def run(cfg) -> dict:
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
     opt_state = tx.init(params)
     step_fn = make_train_step(graphdef, tx, cfg.model.patch_size, cfg.world.image_size, cfg.model.max_tokens,
-                              pc.time_shift)
+                              pc.time_shift, pc.get("loss_floor", 0.0))
     ckpt = Checkpointer(Path(pc.workdir).absolute() / "checkpoints", max_to_keep=2,
                         model_signature={"model": cfg.model.to_dict(), "seed": cfg.seed})
     start = 0

@@ -109,3 +109,30 @@ def test_tiny_demo_end_to_end_report_pictures_and_keep_best(tiny_base):
     assert extra["iteration"] == rep["best_iteration"] and 1 <= extra["iteration"] <= 3
     hist = json.loads(json.dumps(rep["last_metrics"]))
     assert hist["best_iteration"] == extra["iteration"]
+
+
+def test_longer_pretraining_starts_from_the_given_base(tiny_base, tmp_path):
+    """``pretrain.init_from`` loads an earlier base (at learning rate 1e-7 the output stays within 1e-5
+    of it, where a fresh init differs by O(0.1); its JSON says where it started); a base of another
+    model shape is refused by name."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "longer.safetensors"
+    r = subprocess.run(_cmd("arr_jax.pretrain", tiny_base, f"--config.pretrain.init_from={tiny_base / 'base.safetensors'}",
+                            f"--config.base_checkpoint={out}", f"--config.pretrain.workdir={tmp_path / 'pt'}",
+                            "--config.pretrain.learning_rate=1e-7", "--config.pretrain.steps=4",
+                            "--config.pretrain.loss_floor=0.1"),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(tiny_base / "base.safetensors")), load_file(str(out))
+    assert a.keys() == b.keys()
+    assert max(float(abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    import json
+    assert json.loads(out.with_suffix(".json").read_text())["init_from"] == str(tiny_base / "base.safetensors")
+
+    r = subprocess.run(_cmd("arr_jax.pretrain", tiny_base, f"--config.pretrain.init_from={tiny_base / 'base.safetensors'}",
+                            f"--config.base_checkpoint={tmp_path / 'other.safetensors'}",
+                            f"--config.pretrain.workdir={tmp_path / 'pt2'}", "--config.model.head_dim=16",
+                            "--config.model.rope_dims=(4, 6, 6)"),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "base.safetensors" in r.stderr, r.stderr[-2000:]
