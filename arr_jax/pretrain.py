@@ -141,7 +141,8 @@ def run(cfg) -> dict:
             ckpt.save(it + 1, {"params": params, "opt_state": opt_state}, force=True)
     ckpt.wait()
     nnx.update(policy, params)
-    info = {"seed": cfg.seed, "steps": pc.steps, "init_from": init_from or None, "model": cfg.model.to_dict(), "world": cfg.world.to_dict(),
+    info = {"seed": cfg.seed, "steps": pc.steps, "init_from": init_from or None,
+            "model": cfg.model.to_dict(), "world": cfg.world.to_dict(),
             "pretrain": pc.to_dict(), "final_loss": losses[-1][1] if losses else None,
             "seconds_this_run": time.perf_counter() - t_start}
     save_base(policy, out, info)

@@ -43,6 +43,9 @@ def test_before_after_names_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"checks_rpo\['shape'\] has shape \(2,\)"):
         save_before_after(tmp_path / "x.png", ["a", "b"], _images(2, 2, 9), _images(2, 2, 9), "t",
                           checks_base={"shape": np.ones((2, 2), bool)}, checks_rpo={"shape": np.ones(2, bool)})
+    with pytest.raises(ValueError, match=r"checks_base names \['shape'\] but checks_rpo names \['count'\]"):
+        save_before_after(tmp_path / "x.png", ["a", "b"], _images(2, 2, 9), _images(2, 2, 9), "t",
+                          checks_base={"shape": np.ones((2, 2), bool)}, checks_rpo={"count": np.ones((2, 2), bool)})
 
 
 def test_curves_group_metrics_into_one_panel(tmp_path):

@@ -27,7 +27,7 @@ from arr_jax.nn.layers import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLaye
                                Linear, MLPEmbedder, layer_norm, modulate, timestep_embedding)
 from arr_jax.nn.lora import LoRAConfig, apply_lora
 from arr_jax.nn.rope import rope_angles
-from arr_jax.nn.remat import REMAT_MODES, check_remat, checkpoint, remat_policy  # noqa: F401 (re-exported)
+from arr_jax.nn.remat import check_remat, checkpoint
 from arr_jax.sharding import ShardingRules, param_shardings, shard
 
 @dataclasses.dataclass(frozen=True)

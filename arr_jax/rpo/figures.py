@@ -77,12 +77,14 @@ def save_before_after(path: str | Path, prompts: Sequence[str], base: np.ndarray
     cols = max(1, min(blocks_per_row, n))
     grid_rows = math.ceil(n / cols)
     marks = bool(checks_base) and bool(checks_rpo)
+    if marks and set(checks_base) != set(checks_rpo):
+        raise ValueError(f"checks_base names {sorted(checks_base)} but checks_rpo names {sorted(checks_rpo)}")
+    crits = [c for c in checks_base if c in CRITERION_MARKS] if marks else []
     row_h = cell_inches + (0.2 if marks else 0.0)
     block_w, block_h = 0.75 + k * cell_inches, 0.4 + 2 * row_h
     fig_w = cols * block_w + 0.2
     lines = [title]
     if marks:
-        crits = [c for c in checks_base if c in CRITERION_MARKS]
         lines.append("marks under each image: " + ", ".join(f"{CRITERION_MARKS[c]} {c}" for c in crits)
                      + " (green: satisfied, red: not)")
     text = "\n".join(textwrap.fill(t, int(14 * fig_w)) for t in lines)
@@ -110,7 +112,6 @@ def save_before_after(path: str | Path, prompts: Sequence[str], base: np.ndarray
                     side.set_color("#2b7bba" if name == "RPO" else "0.4")
                     side.set_linewidth(1.5 if name == "RPO" else 0.8)
                 if marks:
-                    crits = [c for c in checks if c in CRITERION_MARKS]
                     for m, c in enumerate(crits):
                         ok = bool(np.asarray(checks[c])[b, j])
                         ax.text((m + 0.5) / len(crits), -0.04, CRITERION_MARKS[c], transform=ax.transAxes,
@@ -118,7 +119,6 @@ def save_before_after(path: str | Path, prompts: Sequence[str], base: np.ndarray
                                 color="#1a9641" if ok else "#d7191c")
             label = name
             if marks:
-                crits = [c for c in checks if c in CRITERION_MARKS]
                 got = sum(int(np.asarray(checks[c])[b].sum()) for c in crits)
                 label += f"\n{got}/{len(crits) * k}"
             axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8,
