@@ -87,8 +87,12 @@ def test_matches_diffusers(checkpoints, guidance):
                          ids=["scan", "scan+remat_dots", "loop+remat_full"])
 def test_block_execution_modes_match_diffusers(checkpoints, mode):
     """Scanned blocks (stacked weights, one lax.scan) and remat policies compute diffusers' output."""
+    from arr_jax.nn.stack import StackedBlocks
+
     path, x, ref = checkpoints[True]
     model = load_flux_transformer(path, **mode)
+    # scanned blocks are stored stacked, loaded straight into that layout from diffusers' per-block names
+    assert isinstance(model.transformer_blocks, StackedBlocks) == mode.get("scan_blocks", False)
     out = np.asarray(_ours(model, x))
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert rel <= 1e-5, rel
@@ -112,11 +116,30 @@ def test_scanned_blocks_lora_gradients_match_loop(checkpoints):
         def loss(tr):
             return jnp.sum(jnp.square(nnx.merge(graphdef, tr, rest)(**args)))
 
-        grads[name] = jax.tree.leaves(jax.jit(jax.grad(loss))(tr))
+        grads[name] = _per_block(jax.jit(jax.grad(loss))(tr))
+    assert len(grads["loop"]) > 0
     for name in ("scan_full", "scan_dots"):
-        for a, b in zip(grads["loop"], grads[name]):  # float32 reassociation only: 1e-5 of the gradient's scale
-            a, b = np.asarray(a), np.asarray(b)
+        assert sorted(grads[name]) == sorted(grads["loop"])  # stacked storage, diffusers' per-block names
+        for key, a in grads["loop"].items():  # float32 reassociation only: 1e-5 of the gradient's scale
+            a, b = np.asarray(a), np.asarray(grads[name][key])
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+def _per_block(state) -> dict:
+    """``{dotted per-block name: array}``: rows of stacked block groups (``transformer_blocks.block.x``)
+    under their diffusers names (``transformer_blocks.<i>.x``)."""
+    from arr_jax.nn.stack import STACK
+
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        if STACK in names:
+            p = names.index(STACK)
+            for i in range(x.shape[0]):
+                out[".".join(names[:p] + [str(i)] + names[p + 1:])] = x[i]
+        else:
+            out[".".join(names)] = x
+    return out
 
 
 @pytest.mark.parity

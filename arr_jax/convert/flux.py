@@ -18,6 +18,7 @@ from flax import nnx
 from arr_jax.convert.safetensors_io import SafetensorsCheckpoint, load_into_model
 from arr_jax.models.flux import FluxConfig, FluxTransformer
 from arr_jax.nn.lora import LoRAConfig, LoRAParam, apply_lora
+from arr_jax.nn.stack import stack_blocks
 from arr_jax.sharding import ShardingRules, param_shardings
 
 # Leaves that are 1-D learned scales (kept as ``weight``, no transpose).
@@ -84,9 +85,12 @@ def _init_lora(model: FluxTransformer, config: FluxConfig, seed: int, rules: Sha
     Only the adapters are computed (in one small jit), placed directly on their shards.
     """
 
-    def make():
-        fresh = nnx.eval_shape(lambda: FluxTransformer(config.replace(lora=None), rngs=nnx.Rngs(0)))
+    def make():  # adapters drawn per block as in the unstacked model, then stacked like the model's blocks
+        fresh = nnx.eval_shape(lambda: FluxTransformer(config.replace(lora=None, scan_blocks=False), rngs=nnx.Rngs(0)))
         apply_lora(fresh, config.lora, rngs=nnx.Rngs(seed))
+        if config.scan_blocks:
+            fresh.transformer_blocks = stack_blocks(fresh.transformer_blocks)
+            fresh.single_transformer_blocks = stack_blocks(fresh.single_transformer_blocks)
         return nnx.state(fresh, LoRAParam)
 
     out_shardings = None

@@ -37,8 +37,11 @@ def _dotted(path) -> str:
 
 
 def adapted_linears(model: nnx.Module) -> dict[str, Linear]:
-    """``{diffusers module name: Linear}`` for every Linear that carries LoRA adapters."""
-    return {_dotted(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.lora_a is not None}
+    """``{diffusers module name: Linear}`` for every Linear that carries LoRA adapters; a block group stored
+    stacked (`arr_jax.nn.stack.StackedBlocks`) gives one `BlockView` per block under its per-block name."""
+    from arr_jax.nn.stack import unstacked_modules
+
+    return dict(unstacked_modules(model, keep=lambda m: isinstance(m, Linear) and m.lora_a is not None))
 
 
 def lora_state_dict(model: nnx.Module, *, prefix: str = "transformer", alpha_format: str = "bake",

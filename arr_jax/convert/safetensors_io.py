@@ -137,6 +137,20 @@ def _path_str(path: Path_) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _stacked_target(path: Path_, targets: dict) -> tuple[str | None, int | None]:
+    """``(stacked parameter name, row)`` for a per-block path such as ``transformer_blocks.3.attn.to_q.kernel``
+    when the model stores that group stacked (``transformer_blocks.block.attn.to_q.kernel``), else (None, None)."""
+    from arr_jax.nn.stack import STACK
+
+    for p, part in enumerate(path):
+        if isinstance(part, int):
+            name = _path_str(tuple(path[:p]) + (STACK,) + tuple(path[p + 1:]))
+            if name in targets:
+                return name, part
+            return None, None
+    return None, None
+
+
 def flat_params(state: Any) -> dict[str, Any]:
     """``{"a.b.0.kernel": leaf}`` for every leaf of an nnx State / pytree (leaf = Variable or array)."""
     from flax import nnx
@@ -182,30 +196,50 @@ def load_into_model(model, checkpoint: SafetensorsCheckpoint, key_map: KeyMap, *
     flat_shard = flat_params(shardings) if shardings is not None else {}
     filled: set[str] = set()
     unused, bad_shape, skipped = [], [], 0
+    rows: dict[str, tuple[np.ndarray, set]] = {}  # stacked targets being filled block by block
     for hf_key in checkpoint.keys():
         mapped = key_map(hf_key)
         if mapped is None:
             skipped += 1
             continue
         path, transform = mapped
-        name = _path_str(path)
-        if name not in targets:
-            unused.append(f"{hf_key} -> {name}")
+        name, row = _path_str(path), None
+        if name not in targets:  # block i of a stacked group (arr_jax.nn.stack): row i of one parameter
+            name, row = _stacked_target(path, targets)
+        if name is None:
+            unused.append(f"{hf_key} -> {_path_str(path)}")
             continue
         var = targets[name]
         value = var.get_value() if hasattr(var, "get_value") else var
+        want = tuple(value.shape) if row is None else tuple(value.shape[1:])
         arr = checkpoint.get(hf_key)
         if transform is not None:
             arr = transform(arr)
-        if tuple(arr.shape) != tuple(value.shape):
-            bad_shape.append(f"{hf_key}: checkpoint {tuple(arr.shape)} vs model {tuple(value.shape)} ({name})")
+        if tuple(arr.shape) != want:
+            where = name if row is None else f"{name}[{row}]"
+            bad_shape.append(f"{hf_key}: checkpoint {tuple(arr.shape)} vs model {want} ({where})")
             continue
+        if row is not None:  # collect the rows on the host; the whole stack goes to its devices at once
+            buf, seen = rows.setdefault(name, (np.zeros(value.shape, np.dtype(value.dtype)), set()))
+            if row in seen:
+                raise CheckpointFormatError(f"two checkpoint keys map to the same parameter {name}[{row}] "
+                                            f"(second: {hf_key})")
+            buf[row] = arr.astype(buf.dtype)
+            seen.add(row)
+            if len(seen) < value.shape[0]:
+                continue
+            arr = buf
+            del rows[name]
         if name in filled:
             raise CheckpointFormatError(f"two checkpoint keys map to the same parameter {name} (second: {hf_key})")
         arr = arr.astype(value.dtype)
         sh = flat_shard.get(name)
         new = jax.device_put(arr, sh) if sh is not None else jax.numpy.asarray(arr)
         var.set_value(new)
+        filled.add(name)
+    for name, (buf, seen) in rows.items():
+        absent = sorted(set(range(buf.shape[0])) - seen)
+        bad_shape.append(f"{name}: blocks {absent} of its {buf.shape[0]} stacked blocks are not in the checkpoint")
         filled.add(name)
     missing = sorted(set(targets) - filled)
     problems = []

@@ -27,7 +27,8 @@ from arr_jax.nn.layers import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLaye
                                Linear, MLPEmbedder, layer_norm, modulate, timestep_embedding)
 from arr_jax.nn.lora import LoRAConfig, apply_lora
 from arr_jax.nn.rope import rope_angles
-from arr_jax.nn.remat import check_remat, checkpoint
+from arr_jax.nn.remat import check_remat
+from arr_jax.nn.stack import run_blocks, stack_blocks
 from arr_jax.sharding import ShardingRules, param_shardings, shard
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +55,9 @@ class FluxConfig:
     # Rematerialise each block in the backward pass: False / "none", True / "full" (keep only the block
     # inputs), or "dots" (also keep every Linear output; recompute attention and elementwise work).
     remat: bool | str = False
-    # Run each group of identical blocks as one lax.scan over their stacked weights: one block is
-    # compiled instead of 19 + 38 (compile time), same numbers. Blocks whose structure differs (e.g.
-    # LoRA on some blocks only) fall back to the loop.
+    # Store each group of identical blocks stacked (`arr_jax.nn.stack.StackedBlocks`: weights (layers, ...))
+    # and run it as one lax.scan: one block is compiled instead of 19 + 38, same numbers, no copy of the
+    # weights in the program. Blocks whose structure differs (e.g. LoRA on some blocks only) stay a loop.
     scan_blocks: bool = False
 
     @property
@@ -183,35 +184,6 @@ class FluxSingleTransformerBlock(nnx.Module):
         return shard(x, self.rules, "batch", "seq", "act_embed")
 
 
-def _run_blocks(blocks, carry: tuple, extra: tuple, *, remat, scan: bool) -> tuple:
-    """Apply ``blocks`` in order: ``carry = block(*carry, *extra)`` (a single output is re-wrapped).
-
-    With ``scan`` and identical block structures, one ``lax.scan`` over the stacked block states
-    (stacking is a copy of the weights inside the program); else a Python loop. Each block call is
-    rematerialised per ``remat`` (`remat_policy`).
-    """
-    blocks = list(blocks)
-    if not blocks:
-        return carry
-    split = [nnx.split(b) for b in blocks]
-    graphdef = split[0][0]
-
-    def call(state, c):
-        out = nnx.merge(graphdef, state)(*c, *extra)
-        return out if isinstance(out, tuple) else (out,)
-
-    if scan and len(blocks) > 1 and all(g == graphdef for g, _ in split[1:]):
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in split])
-        body = checkpoint(lambda c, st: (call(st, c), None), remat)
-        carry, _ = jax.lax.scan(body, carry, stacked)
-        return carry
-    for (g, state) in split:
-        fn = checkpoint(lambda st, c, g=g: (lambda o: o if isinstance(o, tuple) else (o,))(
-            nnx.merge(g, st)(*c, *extra)), remat)
-        carry = fn(state, carry)
-    return carry
-
-
 class FluxTransformer(nnx.Module):
     """FluxTransformer2DModel. See `__call__` for the inputs."""
 
@@ -230,6 +202,9 @@ class FluxTransformer(nnx.Module):
         self.proj_out = Linear(d, cfg.out_dim, axes=("embed", "channels"), **kw)
         if cfg.lora is not None:
             apply_lora(self, cfg.lora, rngs=rngs)
+        if cfg.scan_blocks:  # the scan-over-layers layout: each block group's weights stored stacked
+            self.transformer_blocks = stack_blocks(self.transformer_blocks)
+            self.single_transformer_blocks = stack_blocks(self.single_transformer_blocks)
 
     def __call__(self, img: jax.Array, txt: jax.Array, pooled: jax.Array, timestep: jax.Array,
                  img_ids: jax.Array, txt_ids: jax.Array, guidance: jax.Array | None = None) -> jax.Array:
@@ -254,10 +229,9 @@ class FluxTransformer(nnx.Module):
         temb = self.time_text_embed(t, g, pooled)
         rope = rope_angles(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope, cfg.rope_theta)
 
-        kw = dict(remat=cfg.remat, scan=cfg.scan_blocks)
-        img, txt = _run_blocks(self.transformer_blocks, (img, txt), (temb, rope), **kw)
+        img, txt = run_blocks(self.transformer_blocks, (img, txt), (temb, rope), remat=cfg.remat)
         x = jnp.concatenate([txt, img], axis=1)
-        (x,) = _run_blocks(self.single_transformer_blocks, (x,), (temb, rope), **kw)
+        (x,) = run_blocks(self.single_transformer_blocks, (x,), (temb, rope), remat=cfg.remat)
         img = x[:, n_txt:]
         return self.proj_out(self.norm_out(img, temb))
 
