@@ -40,6 +40,9 @@ TEST = [
     "nbclient==0.11.0",      # tests/test_notebook.py executes notebooks/arr_rpo_demo.ipynb
     "nbformat==5.11.1",
     "ipykernel==7.4.0",
+    # tests/test_preflight.py: libtpu's compiler AOT-compiles for TPU topologies on this CPU machine (the version
+    # jax[tpu]==0.10.2 pins; ~700 MB). A default install (no extra) never pulls it.
+    "libtpu==0.0.42.1",
 ]
 
 setup(

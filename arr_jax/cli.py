@@ -8,7 +8,7 @@ from ml_collections import config_flags
 
 _CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Each entry point's embedded default config (``python -m arr_jax.<entry>`` with no --config).
-_DEFAULTS = {"induce": "induce_world.py", "evaluate": "evaluate_world.py"}
+_DEFAULTS = {"induce": "induce_world.py", "evaluate": "evaluate_world.py", "preflight": "flux_dev_t2i.py"}
 
 
 def _default_config() -> str:

@@ -67,6 +67,7 @@ CHIPS: dict[str, ChipSpec] = {
     "v5e": ChipSpec("TPU v5e", 197e12, 0.819e12, 16e9),
     "tpu v5": ChipSpec("TPU v5p", 459e12, 2.765e12, 95e9),  # v5p reports device_kind "TPU v5"
     "v4": ChipSpec("TPU v4", 275e12, 1.228e12, 32e9),
+    "tpu v2": ChipSpec("TPU v2", 45e12, 0.6e12, 16e9),  # the Colab v2-8 runtime (2 TensorCores a chip)
 }
 
 

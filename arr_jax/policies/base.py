@@ -80,3 +80,60 @@ class Policy:
     is_editing: bool = False
     precompute: Callable[[Sequence[PromptItem]], None] | None = None
     info: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class AbstractPolicy:
+    """A policy's shapes, dtypes and shardings without its weights, for ahead-of-time compilation
+    (`arr_jax.preflight` compiles the trainer's programs over it for a TPU topology on a CPU machine).
+
+    policy: a `Policy` whose ``model`` and ``decode_params`` hold ``jax.ShapeDtypeStruct`` leaves, each
+            with the sharding the trainer gives that weight (`place_abstract`); ``encode_fn`` is not
+            callable (there are no text encoders).
+    cond:   one sample's conditioning as ``encode_fn`` makes it: a pytree of ``jax.ShapeDtypeStruct``
+            without the batch axis (e.g. FLUX ``txt (512, 4096) bf16``).
+    source: where the shapes come from (a snapshot's config files, or the published configs).
+    plan_configs: the model configs as keyword arguments of the family's ``abstract_models`` in the
+            analytic memory plan (`arr_jax.memory`), so the plan is computed for the same models.
+    """
+
+    policy: Policy
+    cond: Any
+    source: str = ""
+    plan_configs: dict = dataclasses.field(default_factory=dict)
+
+
+def abstract_state(state: Any, rules=None) -> Any:
+    """An nnx ``State`` (of arrays or ``jax.ShapeDtypeStruct``) as ``jax.ShapeDtypeStruct`` leaves, each
+    with the sharding `arr_jax.sharding.param_shardings` gives it under ``rules`` (none without a mesh)."""
+    import jax
+
+    def sds(x, sh=None):
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sh)
+
+    if rules is None or rules.mesh is None:
+        return jax.tree.map(sds, state)
+    from arr_jax.sharding import param_shardings
+
+    def place(sh, var):
+        return var.replace(sds(var.get_value() if hasattr(var, "get_value") else var.value, sh))
+
+    return jax.tree.map(place, param_shardings(state, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def place_abstract(module: nnx.Module, rules=None) -> nnx.Module:
+    """``module`` (built or from ``nnx.eval_shape``) as a module of ``jax.ShapeDtypeStruct`` weights
+    placed by ``rules`` (`abstract_state`)."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, abstract_state(state, rules))
+
+
+def abstract_of(policy: Policy, cond: Any, rules=None, source: str = "") -> AbstractPolicy:
+    """An `AbstractPolicy` from a built (small) policy: its weights' shapes placed by ``rules``, and
+    ``cond`` the conditioning of a batch as ``encode_fn`` returned it (the batch axis is dropped)."""
+    import jax
+
+    model = place_abstract(policy.model, rules)
+    params = abstract_state(policy.decode_params, rules)
+    one = jax.tree.map(lambda c: jax.ShapeDtypeStruct(tuple(c.shape[1:]), c.dtype), cond)
+    return AbstractPolicy(dataclasses.replace(policy, model=model, decode_params=params), one, source)

@@ -82,7 +82,6 @@ def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0):
 def build(cfg, rules=None) -> Policy:
     """The FLUX / Kontext policy of ``cfg`` at ``rpo.height`` x ``rpo.width``."""
     from arr_jax.convert.snapshot import _files_fingerprint
-    from arr_jax.diffusion.flux_pipeline import _decode
 
     if cfg.kind not in PIPELINE_KIND:
         raise ValueError(f"flux policy: kind {cfg.kind!r} is not one of {sorted(PIPELINE_KIND)}")
@@ -125,9 +124,7 @@ def build(cfg, rules=None) -> Policy:
             cond["source"] = jnp.asarray(source_latents(items), jnp.float32)
         return cond
 
-    def decode_fn(vae_state, x0):
-        img = _decode(vae_graph, vae_state, space, x0)
-        return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+    decode_fn = _decode_fn(vae_graph, space)
 
     def precompute(items: Sequence[PromptItem]) -> None:
         from tqdm.auto import tqdm
@@ -154,3 +151,70 @@ def build(cfg, rules=None) -> Policy:
                   export_lora=None if r.get("full_finetune", False) else export_lora, identity=identity,
                   is_editing=editing, precompute=precompute,
                   info={"model_dir": str(pipe.snap.path), "pipeline": pipe})
+
+
+def _decode_fn(vae_graph, space):
+    """``decode_fn(vae_state, x0)``: the VAE decode of packed latents to uint8 (B, H, W, 3)."""
+    from arr_jax.diffusion.flux_pipeline import _decode
+
+    def decode_fn(vae_state, x0):
+        img = _decode(vae_graph, vae_state, space, x0)
+        return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    return decode_fn
+
+
+def abstract(cfg, rules=None):
+    """The policy of ``cfg`` without weights (`arr_jax.policies.base.AbstractPolicy`), for `arr_jax.preflight`.
+
+    Shapes come from ``cfg.model_dir``'s ``transformer/`` and ``vae/`` config.json when the snapshot is
+    there, else from FLUX.1-dev's published architecture (`FluxConfig.flux_dev`, `VAEConfig`; Kontext
+    shares it). Dtypes, attention, remat, scanned blocks and LoRA as `build` sets them; the
+    conditioning is what ``encode_fn`` returns: T5 states (``flux.t5_max_length``, joint_dim) and the
+    CLIP pooled vector in ``flux.text_dtype``, the guidance scale, and Kontext's source latents.
+    """
+    from arr_jax.convert.vae import read_vae_config
+    from arr_jax.diffusion.flux_pipeline import FluxLatentSpace
+    from arr_jax.models.flux import FluxConfig, FluxTransformer
+    from arr_jax.models.vae import AutoencoderKL, VAEConfig
+    from arr_jax.policies.base import AbstractPolicy, place_abstract
+
+    if cfg.kind not in PIPELINE_KIND:
+        raise ValueError(f"flux policy: kind {cfg.kind!r} is not one of {sorted(PIPELINE_KIND)}")
+    f, r = cfg.flux, cfg.rpo
+    snap = Path(cfg.model_dir) if cfg.get("model_dir", "") else None
+    has = snap is not None and (snap / "transformer" / "config.json").is_file()
+    dt = jnp.dtype(f.dtype)
+    over = dict(dtype=dt, param_dtype=dt, lora=lora_config(r), attention_impl=f.attention_impl, remat=f.remat,
+                scan_blocks=bool(f.get("scan_blocks", False)))
+    fc = FluxConfig.from_diffusers_config(snap / "transformer", **over) if has else FluxConfig.flux_dev(**over)
+    vc = read_vae_config(snap / "vae") if has and (snap / "vae" / "config.json").is_file() else VAEConfig()
+    model = place_abstract(nnx.eval_shape(lambda: FluxTransformer(fc, rngs=nnx.Rngs(cfg.seed), rules=rules)), rules)
+    vae = place_abstract(nnx.eval_shape(lambda: AutoencoderKL(vc, dtype=jnp.dtype(f.vae_dtype), rngs=nnx.Rngs(0),
+                                                                rules=rules)), rules)
+    editing = cfg.kind == "flux_kontext"
+    space = FluxLatentSpace(r.height, r.width, vae.downsample_factor, vc.latent_channels,
+                            (r.height, r.width) if editing else None)
+    vae_graph, vae_state = nnx.split(vae)
+    text = jnp.dtype(f.text_dtype)
+    cond = {"txt": jax.ShapeDtypeStruct((f.t5_max_length, fc.joint_attention_dim), text),
+            "pooled": jax.ShapeDtypeStruct((fc.pooled_projection_dim,), text)}
+    if fc.guidance_embeds:
+        cond["guidance"] = jax.ShapeDtypeStruct((), jnp.float32)
+    if editing:
+        cond["source"] = jax.ShapeDtypeStruct(space.latent_shape, jnp.float32)
+
+    def encode_fn(items):
+        raise RuntimeError("an abstract policy has no text encoders (arr_jax.preflight only compiles)")
+
+    policy = Policy(kind=cfg.kind, model=model, apply_fn=space.apply, encode_fn=encode_fn,
+                    decode_fn=_decode_fn(vae_graph, space), decode_params=vae_state, latent_shape=space.latent_shape,
+                    is_editing=editing, identity={"kind": cfg.kind, "dtype": f.dtype})
+    plan = {"flux_config": fc, "vae_config": vc}
+    if has:
+        from arr_jax.convert.clip_text import read_clip_text_config
+        from arr_jax.convert.t5 import read_t5_config
+
+        plan.update(t5_config=read_t5_config(snap / "text_encoder_2"), clip_config=read_clip_text_config(snap / "text_encoder"))
+    return AbstractPolicy(policy, cond, source=str(snap) if has else "FLUX.1-dev published config (FluxConfig.flux_dev)",
+                          plan_configs=plan)

@@ -66,7 +66,6 @@ def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0, vae_area: i
 def build(cfg, rules=None) -> Policy:
     """The Qwen-Image-Edit policy of ``cfg`` at ``rpo.height`` x ``rpo.width`` with one source per prompt."""
     from arr_jax.convert.snapshot import _files_fingerprint
-    from arr_jax.diffusion.qwen_image_pipeline import decode_latents
     from arr_jax.diffusion.qwen_image_text import pad_states
 
     if cfg.kind != "qwen_image_edit":
@@ -117,9 +116,7 @@ def build(cfg, rules=None) -> Policy:
         return {"txt": jnp.asarray(txt), "txt_mask": jnp.asarray(mask),
                 "source": jnp.asarray(source_latents(items), jnp.float32)}
 
-    def decode_fn(vae_state, x0):
-        img = decode_latents(nnx.merge(vae_graph, vae_state), space, x0)
-        return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+    decode_fn = _decode_fn(vae_graph, space)
 
     def precompute(items: Sequence[PromptItem]) -> None:
         from tqdm.auto import tqdm
@@ -145,3 +142,66 @@ def build(cfg, rules=None) -> Policy:
                   decode_fn=decode_fn, decode_params=vae_state, latent_shape=space.latent_shape,
                   export_lora=None if r.get("full_finetune", False) else export_lora, identity=identity,
                   is_editing=True, precompute=precompute, info={"model_dir": str(pipe.snap.path), "pipeline": pipe})
+
+
+def _decode_fn(vae_graph, space):
+    """``decode_fn(vae_state, x0)``: the VAE decode of packed latents to uint8 (B, H, W, 3)."""
+    from arr_jax.diffusion.qwen_image_pipeline import decode_latents
+
+    def decode_fn(vae_state, x0):
+        img = decode_latents(nnx.merge(vae_graph, vae_state), space, x0)
+        return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    return decode_fn
+
+
+def abstract(cfg, rules=None):
+    """The policy of ``cfg`` without weights (`arr_jax.policies.base.AbstractPolicy`), for `arr_jax.preflight`.
+
+    Shapes come from ``cfg.model_dir``'s ``transformer/``, ``vae/`` and ``text_encoder/`` config.json when
+    the snapshot is there, else from Qwen-Image-Edit-2509's published architecture (`QwenImageConfig`,
+    `QwenImageVAEConfig` and `Qwen25VLConfig` defaults). The conditioning is what ``encode_fn``
+    returns: Qwen2.5-VL states padded to ``qwen.text_len`` with their mask, and the source latents.
+    """
+    import jax
+
+    from arr_jax.convert.qwen_image_vae import read_qwen_vae_config
+    from arr_jax.diffusion.qwen_image_pipeline import QwenImageLatentSpace
+    from arr_jax.models.qwen2_5_vl import Qwen25VLConfig
+    from arr_jax.models.qwen_image import QwenImageConfig, QwenImageTransformer
+    from arr_jax.models.qwen_image_vae import QwenImageVAE, QwenImageVAEConfig
+    from arr_jax.policies.base import AbstractPolicy, place_abstract
+
+    if cfg.kind != "qwen_image_edit":
+        raise ValueError(f"qwen_image_edit policy: kind {cfg.kind!r} is not 'qwen_image_edit'")
+    from pathlib import Path
+
+    r, q = cfg.rpo, cfg.qwen
+    snap = Path(cfg.model_dir) if cfg.get("model_dir", "") else None
+    has = snap is not None and (snap / "transformer" / "config.json").is_file()
+    dt = jnp.dtype(q.dtype)
+    over = dict(dtype=dt, param_dtype=dt, lora=lora_config(r), attention_impl=q.attention_impl, remat=q.remat)
+    qc = (QwenImageConfig.from_diffusers_config(snap / "transformer", **over) if has
+          else QwenImageConfig(**over))
+    vc = read_qwen_vae_config(snap / "vae") if has else QwenImageVAEConfig()
+    text_cfg = Qwen25VLConfig.from_dir(snap / "text_encoder") if has else Qwen25VLConfig()
+    text_width = text_cfg.text.hidden_size
+    model = place_abstract(nnx.eval_shape(lambda: QwenImageTransformer(qc, rngs=nnx.Rngs(cfg.seed), rules=rules)),
+                           rules)
+    vae = place_abstract(nnx.eval_shape(lambda: QwenImageVAE(vc, dtype=jnp.dtype(q.vae_dtype), rngs=nnx.Rngs(0),
+                                                               rules=rules)), rules)
+    size = (r.height, r.width)
+    space = QwenImageLatentSpace(r.height, r.width, vae.downsample_factor, vc.z_dim, (size,))
+    vae_graph, vae_state = nnx.split(vae)
+    cond = {"txt": jax.ShapeDtypeStruct((q.text_len, text_width), jnp.dtype(q.text_dtype)),
+            "txt_mask": jax.ShapeDtypeStruct((q.text_len,), jnp.bool_),
+            "source": jax.ShapeDtypeStruct((space.num_tokens, space.latent_shape[1]), jnp.float32)}
+
+    def encode_fn(items):
+        raise RuntimeError("an abstract policy has no text encoder (arr_jax.preflight only compiles)")
+
+    policy = Policy(kind=cfg.kind, model=model, apply_fn=space.apply, encode_fn=encode_fn,
+                    decode_fn=_decode_fn(vae_graph, space), decode_params=vae_state, latent_shape=space.latent_shape,
+                    is_editing=True, identity={"kind": cfg.kind, "dtype": q.dtype})
+    return AbstractPolicy(policy, cond, source=str(snap) if has else "Qwen-Image-Edit-2509 published config",
+                          plan_configs={"qwen_config": qc, "text_config": text_cfg, "vae_config": vc})

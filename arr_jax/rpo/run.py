@@ -59,42 +59,48 @@ class RPORun:
         return jax.process_index() == 0
 
 
-def judge_devices(cfg) -> list:
+def judge_devices(cfg, devices=None) -> list:
     """The devices the judge runs on (see `mesh_rules`)."""
+    me = jax.process_index() if devices is None else devices[0].process_index
+    devices = list(jax.devices() if devices is None else devices)
+    local = [d for d in devices if d.process_index == me]
+    hosts = len({d.process_index for d in devices})
     n = int(cfg.get("judge", {}).get("mesh", 0)) if "judge" in cfg else 0
     if n <= 0:  # the policy's mesh; with several processes, each judges on its own devices
-        return list(jax.devices()) if jax.process_count() == 1 else list(jax.local_devices())
-    local = list(jax.local_devices())
+        return devices if hosts == 1 else local
     if n >= len(local):
         raise ValueError(f"judge.mesh={n}: a judge sub-mesh needs fewer devices than the {len(local)} of this "
                          "process, so the policy keeps some")
     return local[-n:]
 
 
-def mesh_rules(cfg):
+def mesh_rules(cfg, devices=None):
     """``(policy_rules, judge_rules)``: sharding rules over the policy's mesh (``cfg.mesh``) and the judge's.
 
     ``judge.mesh = 0`` (default): the judge shares the policy's devices; N > 0: the judge runs on a
     sub-mesh of N devices (the last N of each process) and the policy on the rest. With several
     processes the judge is data-parallel across processes (each process judges its own pairs on
     its own devices: no image crosses hosts) and sharded within a process. None where a mesh would
-    hold one device.
+    hold one device. ``devices``: all devices of the run (default ``jax.devices()``; `arr_jax.preflight`
+    passes a TPU topology's, whose first device's host plays this process).
     """
     from arr_jax.sharding import make_mesh, make_rules
 
-    judge = judge_devices(cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    hosts = len({d.process_index for d in devices})
+    judge = judge_devices(cfg, devices)
     taken = {d.id for d in judge} if int(cfg.get("judge", {}).get("mesh", 0) if "judge" in cfg else 0) > 0 else set()
-    if taken and jax.process_count() > 1:  # every process gives its last N devices to its judge
+    if taken and hosts > 1:  # every process gives its last N devices to its judge
         n = len(judge)
         by_proc: dict[int, list] = {}
-        for d in jax.devices():
+        for d in devices:
             by_proc.setdefault(d.process_index, []).append(d)
         taken = {d.id for ds in by_proc.values() for d in ds[-n:]}
-    policy = [d for d in jax.devices() if d.id not in taken]
+    policy = [d for d in devices if d.id not in taken]
     m = cfg.get("mesh", None)
     shape = m.to_dict() if m is not None else {"data": -1}
     policy_rules = make_rules(make_mesh(**shape, devices=policy)) if len(policy) > 1 else None
-    judge_rules = (policy_rules if not taken and jax.process_count() == 1
+    judge_rules = (policy_rules if not taken and hosts == 1
                    else make_rules(make_mesh(data=1, fsdp=-1, tensor=1, devices=judge)) if len(judge) > 1 else None)
     return policy_rules, judge_rules
 

@@ -103,6 +103,40 @@ def rpo_settings(section) -> RPOSettings:
     return RPOSettings(**kw)
 
 
+def build_programs(graphdef, policy: Policy, settings: RPOSettings, rules: ShardingRules | None = None):
+    """``(programs, decode)``: the jitted programs of one RPO iteration over ``policy``'s model graph.
+
+    ``programs`` is a `PolicyPrograms` (rollout, reference pass, update; with ``tx`` the AdamW of
+    ``settings`` and ``sigmas`` the rollout's (T+1,) schedule); ``decode`` is ``policy.decode_fn``
+    jitted with its images sharded like the batch (each process reads back its own rows). The
+    trainer runs these; `arr_jax.preflight` lowers and compiles the very same objects for a TPU
+    topology on abstract weights.
+    """
+    tx = make_optimizer(settings.learning_rate, settings.weight_decay, grad_clip=settings.grad_clip)
+    sigmas = rollout_sigmas(settings.num_steps, settings.time_shift)
+    loss = LossConfig(clip_eps=settings.clip_eps, kl_beta=settings.kl_beta, kl_type=settings.kl_type,
+                      eta=settings.eta, sde_kind=settings.sde_kind, quantize_t=settings.quantize_t)
+    programs = PolicyPrograms(graphdef, policy.apply_fn, loss, tx, sigmas)
+    images = None if rules is None or rules.mesh is None else NamedSharding(rules.mesh, P(rules.rules["batch"]))
+    return programs, jax.jit(policy.decode_fn, out_shardings=images)
+
+
+def opt_state_shardings(tx, trainable, rules: ShardingRules | None):
+    """Optimiser-state shardings: moments like their parameter (``trainable``'s leaves carry their
+    ``sharding``: arrays or ``jax.ShapeDtypeStruct``), counters replicated over the mesh, so a
+    restored state is placed exactly like a fresh one. None without a mesh."""
+    if rules is None or rules.mesh is None:
+        return None
+    by_path = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    replicated = NamedSharding(rules.mesh, P())
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        return next((sh for p, sh in by_path.items() if key.endswith(p)), replicated)
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, trainable))
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised under ``nan_policy='stop'`` when an update produced a NaN/Inf loss or gradient."""
 
@@ -189,14 +223,10 @@ class RPOTrainer:
         # Reference policy: LoRA off (zeroed adapters, no second copy of the base) or the initial weights.
         self.ref_trainable = (jax.tree.map(jnp.zeros_like, tr) if self.mode == "lora"
                               else jax.tree.map(jnp.copy, tr))
-        self.tx = make_optimizer(settings.learning_rate, settings.weight_decay, grad_clip=settings.grad_clip)
+        # The jitted programs: built by `build_programs`, which `arr_jax.preflight` compiles for pods too.
+        self.programs, self._decode = build_programs(self.graphdef, policy, settings, rules)
+        self.tx, self.sigmas = self.programs.tx, self.programs.sigmas
         self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(tr))(tr)
-        self.sigmas = rollout_sigmas(settings.num_steps, settings.time_shift)
-        loss = LossConfig(clip_eps=settings.clip_eps, kl_beta=settings.kl_beta, kl_type=settings.kl_type,
-                          eta=settings.eta, sde_kind=settings.sde_kind, quantize_t=settings.quantize_t)
-        self.programs = PolicyPrograms(self.graphdef, policy.apply_fn, loss, self.tx, self.sigmas)
-        # images come out sharded like the batch, so each process reads back its own rows only
-        self._decode = jax.jit(policy.decode_fn, out_shardings=self._sharding(4))
         # Every program of an iteration is compiled ahead of time once per input signature and counts
         # its FLOPs (`arr_jax.perf`): achieved TFLOP/s and MFU per phase go into each step's metrics.
         self.programs.rollout = Instrumented(self.programs.rollout, "rollout")
@@ -265,18 +295,8 @@ class RPOTrainer:
         return fn(key)
 
     def _opt_shardings(self, trainable):
-        """Optimiser-state shardings: moments like their parameter, counters replicated over the mesh
-        (so a restored state is placed exactly like a fresh one). None without a mesh."""
-        if self.rules is None or self.rules.mesh is None:
-            return None
-        by_path = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]}
-        replicated = NamedSharding(self.rules.mesh, P())
-
-        def pick(path, leaf):
-            key = jax.tree_util.keystr(path)
-            return next((sh for p, sh in by_path.items() if key.endswith(p)), replicated)
-
-        return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(self.tx.init, trainable))
+        """Optimiser-state shardings (`opt_state_shardings`); None without a mesh."""
+        return opt_state_shardings(self.tx, trainable, self.rules)
 
     def _replicated(self, x):
         """``x`` on every device of the mesh (a global array every process can save), as is without one."""
