@@ -262,8 +262,14 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         failed = judge_failures(m)
         if failed > max_fail * r.pairs_per_batch:
             raise RuntimeError(f"iteration {it}: the judge failed on {failed:.0f} of {r.pairs_per_batch} pairs "
-                               f"({ {k: v for k, v in m.items() if k.startswith('judge_failures/')} }), above "
-                               f"judge.max_failure_fraction={max_fail}; the last checkpoint is in {work / 'checkpoints'}")
+                               f"(pairs by status: { {k[15:]: v for k, v in m.items() if k.startswith('judge_failures/')} }), "
+                               f"above judge.max_failure_fraction={max_fail} of the pairs; the last checkpoint is in "
+                               f"{work / 'checkpoints'}")
+        if m.get("decisive_rate", 1.0) == 0.0 and run.is_writer:
+            msg = (f"iteration {it}: no decisive pair: all {r.pairs_per_batch} pairs are ties or failures "
+                   f"({failed:.0f} failed), so every reward is zero and this iteration teaches nothing")
+            log.warning(msg)
+            print(f"warning: {msg}", flush=True)
         if run.evaluator is not None and (it % r.eval_every == 0 or it + 1 == r.iterations):
             t0 = time.perf_counter()
             m.update(run.evaluator(trainer, it + 1, writer))
@@ -306,12 +312,17 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
 
 
 def judge_failures(m: dict) -> float:
-    """Pairs of metrics ``m`` whose judgement failed for the run's cap (`arr_jax.judge.parsing.RUN_ERRORS`:
-    unreadable inputs, failed or truncated replies, non-finite scores). Ties, prose fallbacks and
-    unparseable answers are outcomes of the judge, scored as ties, not failures of the run."""
-    from arr_jax.judge.parsing import RUN_ERRORS
+    """PAIRS of one iteration's metrics ``m`` whose judgement failed: every pair that yielded no decision
+    and no defined tie (``valid`` False: unreadable inputs, failed, truncated or unparseable replies such
+    as ``no_json`` / ``invalid_json`` / ``missing_field``, non-finite scores). Compared by `train` with
+    ``judge.max_failure_fraction * rpo.pairs_per_batch`` (pairs). Ties and prose fallbacks are outcomes
+    of the judge, not failures. Uses ``judge_failed_pairs`` (the trainer's count of invalid pairs) and
+    falls back on the per-status counts ``judge_failures/<status>`` (pairs) of `parsing.FAILURES`."""
+    from arr_jax.judge.parsing import FAILURES
 
-    return sum(v for k, v in m.items() if k.startswith("judge_failures/") and k.split("/", 1)[1] in RUN_ERRORS)
+    if "judge_failed_pairs" in m:
+        return float(m["judge_failed_pairs"])
+    return float(sum(v for k, v in m.items() if k.startswith("judge_failures/") and k.split("/", 1)[1] in FAILURES))
 
 
 def _postfix(m: dict, history: list[dict]) -> dict:

@@ -1,0 +1,120 @@
+"""Failure counters of the RPO loop in one unit, pairs (issue #19, kind 5): a symmetrised judge counts a
+failed pair once (b13), and every status that yields no decision (no_json, ...) counts against
+``judge.max_failure_fraction`` (a judge answering only in prose stops the run at iteration 0)."""
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_tiny_policy
+
+from arr_jax.judge import parsing
+from arr_jax.judge.base import PairwiseBatch, combine_orders, flip
+from arr_jax.judge.text_judge import TextJudge
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
+
+
+class _Backend:
+    """Pair 0 cut off in both orders (``truncated``); the others: image 1 wins in both orders."""
+
+    name = "fake"
+
+    def __init__(self, prose=False):
+        self.prose = prose
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            if self.prose:
+                out.append("Both images are lovely, each in its own way.")
+            elif r.meta["index"] == 0:
+                out.append(parsing.FailedReply("", parsing.TRUNCATED, "cut off"))
+            else:
+                out.append('{"rank": [2, 1]}' if r.meta.get("order") == "rev" else '{"rank": [1, 2]}')
+        return out
+
+
+def _images(n):
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8) for _ in range(2)]
+
+
+@pytest.mark.parametrize("mode", ["agree", "mean"])
+def test_symmetrised_judge_counts_a_failed_pair_once(mode):
+    a, b = _images(4)
+    out = TextJudge(_Backend(), symmetrize=mode).compare(["p"] * 4, a, b)
+    assert out.failures == {"truncated": 1}
+    assert out.valid.tolist() == [False, True, True, True] and out.statuses[0] == "truncated"
+    assert out.winner.tolist() == [0, 1, 1, 1]
+
+
+def test_combine_orders_counts_pairs_with_and_without_statuses():
+    st_f = ["no_json", "ok", "truncated", "tie", "fallback"]
+    st_r = ["no_json", "invalid_json", "ok", "ok", "ok"]
+    val = lambda st: [s not in parsing.FAILURES for s in st]  # noqa: E731
+    fwd = PairwiseBatch(winner=[0, 1, 0, 0, 1], p_first=[.5, 1, .5, .5, 1], valid=val(st_f), statuses=st_f,
+                        failures={"no_json": 1, "truncated": 1, "tie": 1, "fallback": 1})
+    rev = PairwiseBatch(winner=[0, 0, 2, 2, 2], p_first=[.5, .5, 0, 0, 0], valid=val(st_r), statuses=st_r,
+                        failures={"no_json": 1, "invalid_json": 1})
+    got = combine_orders(fwd, flip(rev), "agree")
+    # pairs 0-2 failed (once each, forward kind first), pair 3 is a tie, pair 4 won in prose
+    assert got.failures == {"no_json": 1, "invalid_json": 1, "truncated": 1, "tie": 1, "fallback": 1}
+    assert got.valid.tolist() == [False, False, False, True, True]
+    bare = combine_orders(PairwiseBatch(fwd.winner, fwd.p_first, failures=fwd.failures, valid=fwd.valid),
+                          flip(PairwiseBatch(rev.winner, rev.p_first, failures=rev.failures, valid=rev.valid)))
+    assert sum(v for k, v in bare.failures.items() if k in parsing.FAILURES or k == "failed") == 3
+
+
+def _run(tmp, backend, symmetrize, max_fail, pairs=4):
+    import demo as demo_config
+
+    from arr_jax.data.prompts import world_prompts
+    from arr_jax.judge.factory import judge_config
+    from arr_jax.judge.reward import RubricJudge
+    from arr_jax.rpo.run import RPORun
+    from arr_jax.rpo.trainer import RPOTrainer, rpo_settings
+
+    cfg = demo_config.get_config("tiny")
+    cfg.workdir = str(tmp)
+    cfg.judge = judge_config(kind="world", symmetrize=symmetrize, max_failure_fraction=max_fail)
+    cfg.rpo.iterations, cfg.rpo.eval_every, cfg.rpo.checkpoint_every = 1, 0, 1
+    cfg.rpo.num_steps, cfg.rpo.train_window, cfg.rpo.pairs_per_batch, cfg.rpo.micro_batch = 2, (0, 1), pairs, 8
+    policy = make_tiny_policy()
+    judge = RubricJudge(TextJudge(backend, symmetrize=symmetrize), identity={"kind": "fake"}, host_only=True)
+    trainer = RPOTrainer(policy, judge, rpo_settings(cfg.rpo), seed=0, trainable="lora")
+    return RPORun(cfg=cfg, policy=policy, trainer=trainer, judge=judge, evaluator=None,
+                  train_prompts=world_prompts("train"), eval_prompts=[], workdir=Path(cfg.workdir))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny run (compiled once) shared by the two loop tests below, which run in order."""
+    return _run(tmp_path_factory.mktemp("rpo_failures"), _Backend(), "agree", 0.3)
+
+
+def test_b13_one_failed_pair_of_four_is_25_percent_of_pairs(run):
+    """b13: 1 of 4 pairs fails in both orders; the cap is 30% of pairs: the run goes on, counting 1 pair."""
+    from arr_jax.rpo.run import judge_failures, train
+
+    hist = train(run, progress=False)
+    assert hist[-1]["judge_failures/truncated"] == 1.0 and hist[-1]["judge_failed_pairs"] == 1.0
+    assert judge_failures(hist[-1]) == 1.0 and len(hist) == 1
+
+
+def test_judge_that_never_parses_stops_the_run(run, capsys):
+    """A judge answering only in prose (no_json on every pair, both orders) is 4 failed pairs of 4: above
+    a 0.1 cap the run stops; with the cap at 1.0 it goes on but says the iteration had no decisive pair."""
+    from arr_jax.rpo.run import train
+
+    run.judge.judge.backend = _Backend(prose=True)
+    run.cfg.rpo.iterations = 2
+    run.cfg.judge.max_failure_fraction = 0.1
+    with pytest.raises(RuntimeError, match=r"iteration 1: the judge failed on 4 of 4 pairs .*no_json"):
+        train(run, progress=False)
+    run.cfg.rpo.iterations = 3
+    run.cfg.judge.max_failure_fraction = 1.0
+    hist = train(run, progress=False)
+    assert hist[-1]["judge_failures/no_json"] == 4.0 and hist[-1]["decisive_rate"] == 0.0
+    assert "iteration 2: no decisive pair" in capsys.readouterr().out
