@@ -16,10 +16,24 @@ instead of an opaque orbax/tensorstore error.
 Orbax writes each step into a ``<step>.orbax-checkpoint-tmp-*`` directory and renames it
 when complete, so a process killed mid-save leaves only a temporary directory, which is
 ignored (and cleaned up by the next `Checkpointer`); the previous step stays restorable.
+
+A step folder is also checked before it is trusted (an interrupted copy from a bucket, a full disk):
+it must hold orbax's ``_CHECKPOINT_METADATA``, a readable ``meta`` and ``extra`` and the ``state``
+item's index files. An incomplete folder is skipped with a warning naming it, and process 0 renames
+it ``<step>.incomplete`` so that later saves of that step are possible; restore falls back to the
+newest complete step. A folder that passes those checks but fails to read (a truncated array file)
+is skipped the same way when `restore` was asked for the latest step.
+
+`atomic_write_text` / `read_json` are the project's writers and readers of small state files
+(reports, caches, markers): written to a temporary name and renamed, and validated on read.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,6 +46,55 @@ PyTree = Any
 
 _FORMAT = 1
 _MAX_LISTED = 20
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- small state files
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, flushed and fsynced,
+    then renamed over ``path``. A killed process leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kw) -> Path:
+    """`atomic_write_text` of ``json.dumps(obj, **dump_kw)``."""
+    return atomic_write_text(path, json.dumps(obj, **dump_kw))
+
+
+def read_json(path: str | os.PathLike, *, required: tuple[str, ...] = (), default: Any = FileNotFoundError) -> Any:
+    """A JSON file read back as state, validated: it must parse (a truncated file does not) and, when
+    ``required`` is given, be an object with those keys. A missing or invalid file returns ``default``
+    when one is given (with a warning naming the file for an invalid one), else raises ValueError /
+    FileNotFoundError naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if required and (not isinstance(obj, dict) or any(k not in obj for k in required)):
+            raise ValueError(f"lacks the keys {[k for k in required if not isinstance(obj, dict) or k not in obj]}")
+        return obj
+    except FileNotFoundError:
+        if default is FileNotFoundError:
+            raise
+        return default
+    except (ValueError, UnicodeDecodeError) as e:
+        if default is FileNotFoundError:
+            raise ValueError(f"{path} is not a complete JSON file ({e}); delete it to have it written again") from e
+        log.warning("ignoring %s: not a complete JSON file (%s)", path, e)
+        return default
 
 
 class CheckpointMismatchError(ValueError):
@@ -185,16 +248,68 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._mngr: ocp.CheckpointManager | None = None
+        self._checked = False
+        self._bad: set[int] = set()
+        self.skipped: list[str] = []  # step folders found incomplete and skipped (named in a warning)
 
     # The manager is built lazily so that read-only use of a missing directory
     # (restore, latest_step) does not create it.
     def _manager(self) -> ocp.CheckpointManager:
         if self._mngr is None:
+            if not self._checked:
+                self._check_steps()
+                self._checked = True
             self._mngr = ocp.CheckpointManager(self.directory, options=self._options)
         return self._mngr
 
     def _readable(self) -> bool:
         return self._mngr is not None or self.directory.exists()
+
+    def _incomplete(self, step_dir: epath.Path) -> str | None:
+        """Why the step folder cannot be a complete checkpoint, or None when it looks complete."""
+        need = ["_CHECKPOINT_METADATA", "meta/metadata", "extra/metadata", "state/_METADATA"]
+        missing = [n for n in need if not (step_dir / n).exists()]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        try:
+            meta = json.loads((step_dir / "meta" / "metadata").read_text())
+            json.loads((step_dir / "extra" / "metadata").read_text())
+            json.loads((step_dir / "state" / "_METADATA").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"unreadable metadata ({e})"
+        if not isinstance(meta, dict) or "leaves" not in meta:
+            return "meta/metadata has no 'leaves'"
+        if not any(p.name != "_METADATA" for p in (step_dir / "state").iterdir()):
+            return "state holds no array data"
+        return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Warn about an incomplete step folder; process 0 renames it ``<step>.incomplete[-N]``."""
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.incomplete"
+        k = 1
+        while dst.exists():
+            dst, k = self.directory / f"{step}.incomplete-{k}", k + 1
+        msg = f"checkpoint folder {src} is incomplete ({why}): skipped"
+        if jax.process_index() == 0 and src.exists():
+            try:
+                src.rename(dst)
+                msg += f" and moved to {dst}"
+            except OSError as e:
+                msg += f" (could not move it aside: {e})"
+        log.warning(msg)
+        print(f"warning: {msg}", flush=True)
+        self.skipped.append(str(src))
+
+    def _check_steps(self) -> None:
+        """Set aside every step folder that is not a complete checkpoint (before orbax lists them)."""
+        if not self.directory.exists():
+            return
+        for d in sorted(self.directory.iterdir(), key=lambda p: p.name):
+            if d.is_dir() and d.name.isdigit():
+                why = self._incomplete(d)
+                if why is not None:
+                    self._set_aside(int(d.name), why)
 
     # ----------------------------------------------------------------- save
 
@@ -231,6 +346,24 @@ class Checkpointer:
         return self._manager().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, target: PyTree | None = None, step: int | None = None) -> tuple[PyTree, dict]:
+        """Restores ``(state, extra)`` from ``step`` (default: the newest complete step; a newest step
+        that fails to read is set aside with a warning and the one before it is tried).
+
+        See `_restore` for ``target`` and the errors."""
+        if step is not None:
+            return self._restore(target, step)
+        while True:
+            latest = self._resolve_step(None)
+            try:
+                return self._restore(target, latest)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax / tensorstore errors of a damaged folder
+                self.close()
+                self._set_aside(latest, f"reading it failed: {type(e).__name__}: {str(e)[:200]}")
+                self._bad.add(latest)  # moved aside by process 0; skipped by listing everywhere
+
+    def _restore(self, target: PyTree | None = None, step: int | None = None) -> tuple[PyTree, dict]:
         """Restores ``(state, extra)`` from ``step`` (default: latest).
 
         ``target`` is a pytree of arrays or ``jax.ShapeDtypeStruct`` (with ``.sharding`` to
@@ -289,11 +422,16 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
-        return self._manager().latest_step() if self._readable() else None
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
         """All complete steps, ascending."""
-        return sorted(self._manager().all_steps()) if self._readable() else []
+        if not self._readable():
+            return []
+        mngr = self._manager()
+        mngr.reload()
+        return sorted(s for s in mngr.all_steps() if s not in self._bad)
 
     def wait(self) -> None:
         """Blocks until an async save has finished."""

@@ -215,3 +215,70 @@ def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path):
     assert ckpt.save(last + 1, _state_like(last + 1))
     assert ckpt.latest_step() == last + 1
     ckpt.close()
+
+
+# --------------------------------------------------------------------------- state on disk checked (#19, kind 8)
+
+
+def _two_steps(d):
+    import jax.numpy as jnp
+
+    ck = Checkpointer(d.absolute(), max_to_keep=3)
+    ck.save(1, {"w": jnp.arange(4.0)}, force=True)
+    ck.save(2, {"w": jnp.arange(4.0) + 1}, force=True)
+    ck.wait()
+    ck.close()
+    return {"w": jnp.arange(4.0)}
+
+
+def test_b20_incomplete_newest_step_is_skipped_and_named(tmp_path, capsys):
+    """b20: step 3 is an interrupted copy of step 2 (only _CHECKPOINT_METADATA): resume restores step 2,
+    says which folder it skipped, moves it aside, and a later save of step 3 works."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    d = tmp_path / "ckpt"
+    state = _two_steps(d)
+    shutil.copytree(d / "2", d / "3")
+    for p in (d / "3").rglob("*"):
+        if p.is_file() and p.name != "_CHECKPOINT_METADATA":
+            p.unlink()
+    ck = Checkpointer(d.absolute(), max_to_keep=3)
+    assert ck.latest_step() == 2 and ck.all_steps() == [1, 2]
+    got, _ = ck.restore(state)
+    assert float(got["w"][0]) == 1.0
+    out = capsys.readouterr().out
+    assert f"checkpoint folder {d.absolute() / '3'} is incomplete" in out and "missing meta/metadata" in out
+    assert ck.skipped == [str(d.absolute() / "3")] and (d / "3.incomplete").is_dir()
+    ck.save(3, {"w": jnp.arange(4.0) + 2}, force=True)
+    ck.wait()
+    assert Checkpointer(d.absolute()).restore(state)[0]["w"][0] == 2.0
+
+
+def test_truncated_array_file_in_newest_step_falls_back(tmp_path, capsys):
+    """A newest step whose index files are there but whose array data was cut short fails to read: restore
+    (latest) sets it aside, naming it, and returns the step before."""
+    d = tmp_path / "ckpt"
+    state = _two_steps(d)
+    for p in (d / "2" / "state").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.write_bytes(p.read_bytes()[:7])
+    ck = Checkpointer(d.absolute(), max_to_keep=3)
+    got, _ = ck.restore(state)
+    assert float(got["w"][0]) == 0.0
+    assert f"checkpoint folder {d.absolute() / '2'} is incomplete (reading it failed" in capsys.readouterr().out
+
+
+def test_small_state_files_are_atomic_and_validated(tmp_path):
+    from arr_jax.checkpoint import atomic_write_json, read_json
+
+    p = atomic_write_json(tmp_path / "sub" / "report.json", {"iterations": 3})
+    assert read_json(p, required=("iterations",)) == {"iterations": 3}
+    assert [x.name for x in p.parent.iterdir()] == ["report.json"]  # no temporary left behind
+    p.write_text('{"iterations": 3, "ev')  # a truncated file is never taken as done
+    with pytest.raises(ValueError, match=r"report\.json is not a complete JSON file"):
+        read_json(p)
+    assert read_json(p, default=None) is None
+    with pytest.raises(ValueError, match=r"lacks the keys \['done'\]"):
+        read_json(atomic_write_json(tmp_path / "m.json", {"x": 1}), required=("done",))
