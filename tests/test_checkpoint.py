@@ -282,3 +282,56 @@ def test_small_state_files_are_atomic_and_validated(tmp_path):
     assert read_json(p, default=None) is None
     with pytest.raises(ValueError, match=r"lacks the keys \['done'\]"):
         read_json(atomic_write_json(tmp_path / "m.json", {"x": 1}), required=("done",))
+
+
+def test_truncated_report_is_not_a_finished_sweep_point(tmp_path):
+    from arr_jax.sweep import point_state
+
+    (tmp_path / "report.json").write_text('{"gain": 0.1, "eval": {')
+    assert point_state(tmp_path) == "pending"
+    (tmp_path / "report.json").write_text('{"gain": 0.1}')
+    assert point_state(tmp_path) == "done"
+
+
+def test_damaged_cache_entries_are_recomputed(tmp_path):
+    """Text-embedding and prompt-rubric cache entries cut short are misses, not crashes or answers."""
+    from arr_jax.diffusion.flux_pipeline import PromptCache
+    from arr_jax.judge.reward import PromptRubrics
+
+    cache = PromptCache(tmp_path / "emb", "f" * 64)
+    cache.put("a hat", {"txt": np.ones((2, 3), np.float32)})
+    f = cache._file("a hat")
+    f.write_bytes(f.read_bytes()[:40])
+    assert PromptCache(tmp_path / "emb", "f" * 64).get("a hat") is None
+
+    class Backend:
+        name = "b"
+        calls = 0
+
+        def generate(self, reqs):
+            Backend.calls += len(reqs)
+            return ['{"rubrics": ["the hat is red"]}'] * len(reqs)
+
+    pr = PromptRubrics(Backend(), tmp_path / "pr", k=1)
+    assert pr.criteria(["a red hat"]) == [["the hat is red"]]
+    entry = next((tmp_path / "pr").rglob("*.json"))
+    entry.write_text(entry.read_text()[:15])
+    assert PromptRubrics(Backend(), tmp_path / "pr", k=1).criteria(["a red hat"]) == [["the hat is red"]]
+    assert Backend.calls == 2
+
+
+def test_prompt_rubric_cache_keys_on_endpoint_sampling_and_weights(tmp_path):
+    from arr_jax.judge.reward import PromptRubrics, prompt_rubric_identity
+
+    base = {"model": "m", "endpoint": "http://a/v1", "temperature": 0.0, "max_tokens": 0, "timeout": 10}
+    key = lambda ident: PromptRubrics(object(), None, identity=ident).key  # noqa: E731
+    k0 = key(prompt_rubric_identity("api", base))
+    assert key(prompt_rubric_identity("api", {**base, "endpoint": "http://b/v1"})) != k0
+    assert key(prompt_rubric_identity("api", {**base, "temperature": 0.7})) != k0
+    assert key(prompt_rubric_identity("api", {**base, "timeout": 99})) == k0  # transport only
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros((64, 64), np.float32)}, str(tmp_path / "model.safetensors"))
+    k1 = key(prompt_rubric_identity("qwen3_vl", {"model_dir": str(tmp_path)}, str(tmp_path)))
+    save_file({"w": np.ones((64, 64), np.float32)}, str(tmp_path / "model.safetensors"))  # same shapes, new weights
+    assert key(prompt_rubric_identity("qwen3_vl", {"model_dir": str(tmp_path)}, str(tmp_path))) != k1

@@ -190,11 +190,18 @@ class PromptCache:
             return self._mem[prompt]
         if self.dir is None or not self._file(prompt).exists():
             return None
-        with np.load(self._file(prompt)) as f:
-            if str(f["prompt"]) != prompt:  # hash collision: treat as missing
-                return None
-            entry = {k: _restore(f[k], str(f[f"{k}__dtype"])) for k in f.files
-                     if k != "prompt" and not k.endswith("__dtype")}
+        try:
+            with np.load(self._file(prompt)) as f:
+                if str(f["prompt"]) != prompt:  # hash collision: treat as missing
+                    return None
+                entry = {k: _restore(f[k], str(f[f"{k}__dtype"])) for k in f.files
+                         if k != "prompt" and not k.endswith("__dtype")}
+        except Exception as e:  # noqa: BLE001 - a truncated / damaged entry (zip, pickle, key errors) is re-encoded
+            import logging
+
+            logging.getLogger(__name__).warning("prompt cache: ignoring damaged entry %s (%s: %s)", self._file(prompt),
+                                                type(e).__name__, e)
+            return None
         self._remember(prompt, entry)
         return entry
 
@@ -205,9 +212,19 @@ class PromptCache:
         arrays = {"prompt": np.array(prompt)}
         for k, v in entry.items():
             arrays[k], arrays[f"{k}__dtype"] = _storable(v)
-        tmp = self._file(prompt).with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(self._file(prompt))
+        import os
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix=".entry.", suffix=".tmp.npz", dir=self.dir)  # unique: processes share dirs
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._file(prompt))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _storable(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -84,7 +84,10 @@ class QwenImagePromptEncoder:
         self.max_sequence_length, self.max_text_tokens = max_sequence_length, max_text_tokens
         self.seq_bucket, self.window_bucket, self.encode_batch = seq_bucket, window_bucket, encode_batch
         dtype = snapshot.text_encoder.model.language_model.embed_tokens.embedding.get_value().dtype
-        fp = snapshot.text_fingerprint(dtype) + f"/drop{self.drop}/max{max_sequence_length}/{max_text_tokens}"
+        # the cache key's parts: encoder files, tokenizer, image preprocessing, dtype, kind (text_fingerprint),
+        # the prompt template and its dropped prefix, and the length limits; the file adds prompt + source hashes
+        fp = (snapshot.text_fingerprint(dtype) + f"/template{TEMPLATES[self.kind][0]!r}/drop{self.drop}"
+              f"/max{max_sequence_length}/{max_text_tokens}")
         self.cache = PromptCache(cache_dir, hashlib.sha256(fp.encode()).hexdigest())
         self.stats = {"encoded": 0, "cache_hits": 0, "truncated": 0}
         self._graph = nnx.split(snapshot.text_encoder)

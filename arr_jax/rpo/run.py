@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from arr_jax.checkpoint import atomic_write_text
 from arr_jax.data.prompts import build_prompts, iteration_prompts
 from arr_jax.judge.factory import build_judge
 from arr_jax.policies import build_policy
@@ -237,7 +238,7 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         meta = {**run_metadata(run), "policy_info": {k: v for k, v in run.policy.info.items()
                                                      if isinstance(v, (str, int, float, type(None)))},
                 "config": cfg.to_dict(), "devices": jax.device_count(), "processes": jax.process_count()}
-        (work / "run.json").write_text(json.dumps(meta, indent=2, default=str))
+        atomic_write_text(work / "run.json", json.dumps(meta, indent=2, default=str))
     if run.is_writer:
         print(f"judge {run.judge.name}: " + (f"rubric {run.judge.identity['rubric_path']} (sha256 "
                                          f"{run.judge.rubric_sha256[:12]})" if run.judge.rubric_sha256
@@ -349,7 +350,7 @@ def _write_report(run: RPORun, history: list[dict], final_lora: Path | None, sec
               "outputs": {"lora": str(final_lora) if final_lora else None, "checkpoints": str(work / "checkpoints"),
                           "tensorboard": str(work / "tensorboard"), "eval_grids": str(work / "eval"),
                           "figure": str(work / "reward_and_win_rate.png"), "curves": str(work / "curves.png")}}
-    (work / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    atomic_write_text(work / "report.json", json.dumps(report, indent=2, default=float))
 
 
 def summary(run: RPORun, history: list[dict]) -> str:
