@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rpo.checkpoint_every = 10
     c.rpo.eval_every = 20           # held-out win rate against the base (LoRA off)
     c.rpo.keep_best = False
+    c.rpo.allow_resume_changes = False  # True: resume with changed prompts / snapshots / objective (recorded in run.json)
     c.rpo.departures = ()
 
     # --- the reward judge (rubric from python -m arr_jax.induce) --------------------------------

@@ -118,3 +118,30 @@ def test_judge_that_never_parses_stops_the_run(run, capsys):
     hist = train(run, progress=False)
     assert hist[-1]["judge_failures/no_json"] == 4.0 and hist[-1]["decisive_rate"] == 0.0
     assert "iteration 2: no decisive pair" in capsys.readouterr().out
+
+
+def test_b14_resume_with_changed_prompts_or_objective_is_refused_then_recorded(run, capsys):
+    """b14 (issue #19, kind 6): resuming with other prompts and a 1000x learning rate is refused, naming
+    both; with rpo.allow_resume_changes it goes on, warns, and run.json / the checkpoint record the change."""
+    import json
+
+    from arr_jax.data.prompts import world_prompts
+    from arr_jax.rpo.run import ResumeMismatchError, train
+
+    run.judge.judge.backend = _Backend()
+    run.cfg.judge.max_failure_fraction = 0.3
+    lr = run.cfg.rpo.learning_rate
+    run.train_prompts = world_prompts("train")[:3]
+    run.cfg.rpo.learning_rate = lr * 1000
+    run.cfg.rpo.iterations = 4
+    with pytest.raises(ResumeMismatchError, match=r"prompts\.count: \d+ -> 3; prompts\.sha256: .*"
+                                                  r"rpo\.learning_rate: .* -> .*allow_resume_changes"):
+        train(run, progress=False)
+    run.cfg.rpo.allow_resume_changes = True
+    hist = train(run, progress=False)
+    assert len(hist) == 4
+    assert "with changed inputs (allow_resume_changes): prompts.count" in capsys.readouterr().out
+    meta = json.loads((run.workdir / "run.json").read_text())
+    (change,) = meta["resume_changes"]
+    assert change["iteration"] == 3 and change["changes"]["rpo.learning_rate"] == [lr, lr * 1000]
+    assert meta["resume_signature"]["prompts"]["count"] == 3
