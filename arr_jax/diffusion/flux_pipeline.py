@@ -302,7 +302,9 @@ class FluxPipeline:
     # --- text -----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         """``txt`` (B, L_t5, joint_dim) and ``pooled`` (B, P), via the cache; new prompts in fixed batches."""
-        prompts = list(prompts)
+        from arr_jax.diffusion.qwen_image_text import as_prompt_list
+
+        prompts = as_prompt_list(prompts)
         found = {p: self.cache.get(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, e in found.items() if e is None]
         self.stats["cache_hits"] += len(prompts) - len(missing)  # duplicates are encoded once
@@ -363,6 +365,9 @@ class FluxPipeline:
         """
         if sources is not None and source_latents is not None:
             raise ValueError("give Kontext sources either as images (sources) or as latents (source_latents)")
+        from arr_jax.diffusion.qwen_image_text import as_prompt_list
+
+        prompts = as_prompt_list(prompts)
         emb = self.encode_prompts(prompts)
         b = len(prompts)
         cond = {"txt": jnp.asarray(emb["txt"]), "pooled": jnp.asarray(emb["pooled"])}
@@ -397,6 +402,9 @@ class FluxPipeline:
         return jax.tree.map(put, tree)
 
     def _prepare(self, prompts, height, width, guidance, sources, seeds, latents):
+        from arr_jax.diffusion.qwen_image_text import as_prompt_list
+
+        prompts = as_prompt_list(prompts)
         if self.kind == "flux" and sources is not None:
             raise ValueError("source images given, but this snapshot is a text-to-image FluxPipeline")
         sources_u8 = None if sources is None else to_rgb_uint8_batch(sources, name="Kontext source images")

@@ -43,6 +43,24 @@ TEMPLATES = {"t2i": (_SYSTEM_T2I, 34), "edit": (_SYSTEM_EDIT, 64), "edit_plus": 
 MAX_SOURCES = {"t2i": 0, "edit": 1, "edit_plus": 3}  # Edit-2509's model card: 1 to 3 input images
 
 
+def as_prompt_list(prompts, name: str = "prompts") -> list[str]:
+    """Normalise a public ``prompts`` argument as diffusers' pipelines do: one string is one prompt;
+    a list / tuple (or 1-d array) of strings is a batch. Anything else, or a non-string entry, raises
+    TypeError naming it (a bare string is never split into characters)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__} ({p!r:.60})")
+    if not prompts:
+        raise ValueError(f"{name} is empty: give at least one prompt")
+    return list(prompts)
+
+
 def prompt_text(kind: str, prompt: str, n_images: int) -> str:
     """The full chat text the text encoder reads for ``prompt`` with ``n_images`` source images."""
     if kind not in TEMPLATES:
@@ -101,7 +119,7 @@ class QwenImagePromptEncoder:
                  ) -> list[np.ndarray]:
         """``prompts`` (B) and per prompt its condition images (uint8 (H, W, 3), already at the condition
         size) -> B arrays (L_i, D). Raises ValueError for images given to text-to-image or missing for editing."""
-        prompts = list(prompts)
+        prompts = as_prompt_list(prompts)
         images = [list(x) for x in images] if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
