@@ -145,6 +145,22 @@ class QwenImagePromptEncoder:
             self.stats["encoded"] += len(chunk)
         return [found[k]["txt"] for k in keys]
 
+    def state_lengths(self, prompts: Sequence[str], images: Sequence[Sequence[np.ndarray]] | None = None,
+                      ) -> list[int]:
+        """How many text states `__call__` gives each prompt (with its condition images, already at the
+        condition size), from the tokenizer and image processor alone (no encoder pass; works after
+        `release`): the templated tokens minus the dropped prefix (text-to-image: at most
+        ``max_sequence_length``, after truncation to ``max_text_tokens``)."""
+        prompts = as_prompt_list(prompts)
+        images = [list(x) for x in images] if images is not None else [[] for _ in prompts]
+        out = []
+        for prompt, ims in zip(prompts, images):
+            n = len(self.snap.processor.encode(prompt_text(self.kind, prompt, len(ims)), ims)[0]) - self.drop
+            if self.kind == "t2i":
+                n = min(n, self.max_text_tokens, self.max_sequence_length)
+            out.append(n)
+        return out
+
     def _encode(self, items: list[tuple[str, list[np.ndarray]]]) -> list[np.ndarray]:
         proc, cfg = self.snap.processor, self.snap.text_config
         seqs, pats, grids = [], [], []
