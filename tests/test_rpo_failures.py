@@ -145,3 +145,37 @@ def test_b14_resume_with_changed_prompts_or_objective_is_refused_then_recorded(r
     (change,) = meta["resume_changes"]
     assert change["iteration"] == 3 and change["changes"]["rpo.learning_rate"] == [lr, lr * 1000]
     assert meta["resume_signature"]["prompts"]["count"] == 3
+
+
+def test_a_world_prompt_outside_the_grammar_fails_before_iteration_0(tmp_path):
+    """b11's kind for the world policy: a prompts file whose line 2 has a word the world does not know
+    (or too many words) is refused by precompute, naming the file's line, not when an iteration draws it."""
+    import demo as demo_config
+
+    from arr_jax.policies import build_policy
+    from arr_jax.rpo.run import build_prompts
+
+    cfg = demo_config.get_config("tiny")
+    policy = build_policy(cfg)
+    for line, why in (("one purple dragon on the left", r"unknown word 'purple'"),
+                      ("one red circle on the left " * 3, r"has 18 words > max_len=")):
+        (tmp_path / "prompts.txt").write_text(f"one red circle on the left\n{line}\n")
+        cfg.prompts_file = str(tmp_path / "prompts.txt")
+        items = build_prompts(cfg, "train")
+        with pytest.raises(ValueError, match=rf"^prompt .*prompts\.txt:2: .*{why}.*grammar"):
+            policy.precompute(items)
+    policy.precompute(items[:1])  # a caption of the grammar passes
+
+
+@pytest.mark.parametrize("name", ["demo", "flux_dev_t2i", "flux_kontext", "qwen_image_edit"])
+def test_every_training_config_offers_allow_resume_changes(name):
+    """--config.rpo.allow_resume_changes=True works on every training config (locked configs refuse
+    unknown keys): the demo and flux_dev_t2i set it, flux_kontext and qwen_image_edit inherit it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", Path(__file__).resolve().parents[1] / "configs"
+                                                  / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for variant in ("", "tiny"):
+        assert mod.get_config(variant).rpo.allow_resume_changes is False
