@@ -241,9 +241,9 @@ def run_main(main) -> None:
             _fail_alone(2)
             sys.exit(2)
         except SystemExit as e:
-            if e.code not in (None, 0):
+            if e.code not in (None, 0) and _processes()[1] > 1:
                 if not isinstance(e.code, int):
-                    print(e.code, file=sys.stderr, flush=True)
+                    print(e.code, file=sys.stderr, flush=True)  # what the interpreter would print
                 _fail_alone(e.code if isinstance(e.code, int) else 1)
             raise
         except BaseException as e:  # noqa: BLE001 - re-raised unless several processes run
