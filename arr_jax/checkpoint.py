@@ -16,10 +16,21 @@ instead of an opaque orbax/tensorstore error.
 Orbax writes each step into a ``<step>.orbax-checkpoint-tmp-*`` directory and renames it
 when complete, so a process killed mid-save leaves only a temporary directory, which is
 ignored (and cleaned up by the next `Checkpointer`); the previous step stays restorable.
+
+A step folder is also checked before it is trusted (an interrupted copy from a bucket, a full disk):
+it must hold orbax's ``_CHECKPOINT_METADATA``, a readable ``meta`` and ``extra`` and the ``state``
+item's index files. An incomplete folder is skipped with a warning naming it, and process 0 renames
+it ``<step>.incomplete`` so that later saves of that step are possible; restore falls back to the
+newest complete step. A folder that passes those checks but fails to read (a truncated array file)
+is skipped the same way when `restore` was asked for the latest step.
+
+`atomic_write_text` / `read_json` are the project's writers and readers of small state files
+(reports, caches, markers): written to a temporary name and renamed, and validated on read.
 """
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import jax
@@ -28,10 +39,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from arr_jax.atomic import atomic_write_json, atomic_write_text, read_json  # noqa: F401 (re-exported)
+
 PyTree = Any
 
 _FORMAT = 1
 _MAX_LISTED = 20
+log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(ValueError):
@@ -185,16 +199,68 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._mngr: ocp.CheckpointManager | None = None
+        self._checked = False
+        self._bad: set[int] = set()
+        self.skipped: list[str] = []  # step folders found incomplete and skipped (named in a warning)
 
     # The manager is built lazily so that read-only use of a missing directory
     # (restore, latest_step) does not create it.
     def _manager(self) -> ocp.CheckpointManager:
         if self._mngr is None:
+            if not self._checked:
+                self._check_steps()
+                self._checked = True
             self._mngr = ocp.CheckpointManager(self.directory, options=self._options)
         return self._mngr
 
     def _readable(self) -> bool:
         return self._mngr is not None or self.directory.exists()
+
+    def _incomplete(self, step_dir: epath.Path) -> str | None:
+        """Why the step folder cannot be a complete checkpoint, or None when it looks complete."""
+        need = ["_CHECKPOINT_METADATA", "meta/metadata", "extra/metadata", "state/_METADATA"]
+        missing = [n for n in need if not (step_dir / n).exists()]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        try:
+            meta = json.loads((step_dir / "meta" / "metadata").read_text())
+            json.loads((step_dir / "extra" / "metadata").read_text())
+            json.loads((step_dir / "state" / "_METADATA").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"unreadable metadata ({e})"
+        if not isinstance(meta, dict) or "leaves" not in meta:
+            return "meta/metadata has no 'leaves'"
+        if not any(p.name != "_METADATA" for p in (step_dir / "state").iterdir()):
+            return "state holds no array data"
+        return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Warn about an incomplete step folder; process 0 renames it ``<step>.incomplete[-N]``."""
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.incomplete"
+        k = 1
+        while dst.exists():
+            dst, k = self.directory / f"{step}.incomplete-{k}", k + 1
+        msg = f"checkpoint folder {src} is incomplete ({why}): skipped"
+        if jax.process_index() == 0 and src.exists():
+            try:
+                src.rename(dst)
+                msg += f" and moved to {dst}"
+            except OSError as e:
+                msg += f" (could not move it aside: {e})"
+        log.warning(msg)
+        print(f"warning: {msg}", flush=True)
+        self.skipped.append(str(src))
+
+    def _check_steps(self) -> None:
+        """Set aside every step folder that is not a complete checkpoint (before orbax lists them)."""
+        if not self.directory.exists():
+            return
+        for d in sorted(self.directory.iterdir(), key=lambda p: p.name):
+            if d.is_dir() and d.name.isdigit():
+                why = self._incomplete(d)
+                if why is not None:
+                    self._set_aside(int(d.name), why)
 
     # ----------------------------------------------------------------- save
 
@@ -231,6 +297,24 @@ class Checkpointer:
         return self._manager().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, target: PyTree | None = None, step: int | None = None) -> tuple[PyTree, dict]:
+        """Restores ``(state, extra)`` from ``step`` (default: the newest complete step; a newest step
+        that fails to read is set aside with a warning and the one before it is tried).
+
+        See `_restore` for ``target`` and the errors."""
+        if step is not None:
+            return self._restore(target, step)
+        while True:
+            latest = self._resolve_step(None)
+            try:
+                return self._restore(target, latest)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - orbax / tensorstore errors of a damaged folder
+                self.close()
+                self._set_aside(latest, f"reading it failed: {type(e).__name__}: {str(e)[:200]}")
+                self._bad.add(latest)  # moved aside by process 0; skipped by listing everywhere
+
+    def _restore(self, target: PyTree | None = None, step: int | None = None) -> tuple[PyTree, dict]:
         """Restores ``(state, extra)`` from ``step`` (default: latest).
 
         ``target`` is a pytree of arrays or ``jax.ShapeDtypeStruct`` (with ``.sharding`` to
@@ -289,11 +373,16 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
-        return self._manager().latest_step() if self._readable() else None
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
         """All complete steps, ascending."""
-        return sorted(self._manager().all_steps()) if self._readable() else []
+        if not self._readable():
+            return []
+        mngr = self._manager()
+        mngr.reload()
+        return sorted(s for s in mngr.all_steps() if s not in self._bad)
 
     def wait(self) -> None:
         """Blocks until an async save has finished."""

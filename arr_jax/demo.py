@@ -94,7 +94,9 @@ def run(cfg) -> dict:
             "change_se": cmp["gain_se/clean_background"]},
         "last_metrics": history[-1] if history else {},
     }
-    (work / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    from arr_jax.checkpoint import atomic_write_text
+
+    atomic_write_text(work / "report.json", json.dumps(report, indent=2, default=float))
     print(f"rubric {report['rubric']['path']} (sha256 {str(report['rubric']['sha256'])[:12]}): "
           f"{', '.join(report['rubric']['themes'])}")
     print(f"wrote {work / 'report.json'}, {work / 'reward_curve.png'}, {work / 'before_after.png'}, "

@@ -9,9 +9,20 @@
 * automatic otherwise: JAX's own cluster detection (Cloud TPU pod slices, Slurm, Open MPI).
 
 On CPU (``JAX_PLATFORMS=cpu``) it selects JAX's gloo CPU collectives, so several processes with
-a few fake CPU devices each behave like hosts of a pod (how the tests run it). A process that
-dies is noticed by the others through the coordination service's heartbeats: they stop with an
-error after ``ARR_JAX_HEARTBEAT_TIMEOUT`` seconds (default 60) instead of waiting forever.
+a few fake CPU devices each behave like hosts of a pod (how the tests run it).
+
+How a run stops when one process fails (`arr_jax.cli.run_main`; tests/test_multiprocess_exit.py):
+
+* a Python exception, a user error or SIGTERM / SIGINT / SIGHUP: that process prints its error and
+  leaves at once (it does not enter JAX's shutdown barrier, which would wait for peers that wait in
+  the next collective);
+* its peers' next collective then fails at once ("Connection closed by peer"); they say that
+  another process has probably died and leave (exit 1);
+* a process that is killed (SIGKILL) closes its sockets: the same;
+* a process that hangs as a whole (SIGSTOP, a frozen host) stops sending heartbeats: JAX's
+  coordination service stops the others after ``ARR_JAX_HEARTBEAT_TIMEOUT`` seconds (default 60)
+  with "Terminating process because the JAX distributed service detected fatal errors. This most
+  likely indicates that another task died" (an abort, exit status 134).
 """
 from __future__ import annotations
 

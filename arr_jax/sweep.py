@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from arr_jax import hyper
+from arr_jax.atomic import atomic_write_text, read_json
 
 DEFAULT_ENTRY = "arr_jax.train"
 STATUS_FILE = "sweep_status.json"
@@ -266,14 +267,13 @@ def point_state(workdir: str | Path) -> str:
     """``done`` (report.json, or a done status file), ``failed`` (last attempt exited nonzero) or
     ``pending``."""
     w = Path(workdir)
-    if (w / "report.json").is_file():
-        return "done"
+    if (w / "report.json").is_file():  # done only when it is a complete JSON report (written atomically)
+        if isinstance(read_json(w / "report.json", default=None), dict):
+            return "done"
     status = w / STATUS_FILE
     if status.is_file():
-        try:
-            return json.loads(status.read_text()).get("status", "pending")
-        except (OSError, json.JSONDecodeError):
-            return "pending"
+        st = read_json(status, default={})
+        return st.get("status", "pending") if isinstance(st, dict) else "pending"
     return "pending"
 
 
@@ -287,7 +287,7 @@ def _run_point(plan: SweepPlan, point: SweepPoint, python: str) -> tuple[int, fl
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     seconds = time.perf_counter() - t0
-    (work / STATUS_FILE).write_text(json.dumps(
+    atomic_write_text(work / STATUS_FILE, json.dumps(
         {"status": "done" if rc == 0 else "failed", "returncode": rc, "seconds": round(seconds, 3),
          "command": cmd}, indent=2))
     return rc, seconds

@@ -134,6 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rpo.checkpoint_every = 10
     c.rpo.eval_every = 20           # held-out win rate against the base (and the world's criteria)
     c.rpo.keep_best = False         # True: end with the best held-out weights (selects on the eval prompts)
+    c.rpo.allow_resume_changes = False  # True: resume with changed prompts / snapshots / objective (recorded in run.json)
     c.rpo.departures = ("eta 0.7 (paper 0.3)", "independent noise per sample (paper: shared)",
                         "ppo_epochs 2 (paper 1)", "KL: closed-form Gaussian (paper: k1), beta 0.01 as in the paper",
                         "loser reward -1 (paper -0.1)",

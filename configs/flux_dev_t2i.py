@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flux.text_dtype = "bfloat16"  # T5-XXL + CLIP-L
     c.flux.vae_dtype = "float32"
     c.flux.t5_max_length = 512
+    c.flux.long_prompts = "error"   # training: a prompt over t5_max_length T5 tokens stops the run up front; "truncate": cut it
     c.flux.attention_impl = "xla"   # "cudnn" on GPU (flash attention), "xla" elsewhere; see nn/attention.py
     c.flux.remat = "full"           # update remat per block: "full", "dots" (keep Linear outputs) or "none"
     c.flux.scan_blocks = False      # one lax.scan per block group: far shorter compiles, +1 copy of the block weights
@@ -96,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rpo.checkpoint_every = 10
     c.rpo.eval_every = 20           # held-out win rate against the base (LoRA off)
     c.rpo.keep_best = False
+    c.rpo.allow_resume_changes = False  # True: resume with changed prompts / snapshots / objective (recorded in run.json)
     c.rpo.departures = ()
 
     # --- the reward judge (rubric from python -m arr_jax.induce) --------------------------------

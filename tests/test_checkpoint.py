@@ -215,3 +215,123 @@ def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path):
     assert ckpt.save(last + 1, _state_like(last + 1))
     assert ckpt.latest_step() == last + 1
     ckpt.close()
+
+
+# --------------------------------------------------------------------------- state on disk checked (#19, kind 8)
+
+
+def _two_steps(d):
+    import jax.numpy as jnp
+
+    ck = Checkpointer(d.absolute(), max_to_keep=3)
+    ck.save(1, {"w": jnp.arange(4.0)}, force=True)
+    ck.save(2, {"w": jnp.arange(4.0) + 1}, force=True)
+    ck.wait()
+    ck.close()
+    return {"w": jnp.arange(4.0)}
+
+
+def test_b20_incomplete_newest_step_is_skipped_and_named(tmp_path, capsys):
+    """b20: step 3 is an interrupted copy of step 2 (only _CHECKPOINT_METADATA): resume restores step 2,
+    says which folder it skipped, moves it aside, and a later save of step 3 works."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    d = tmp_path / "ckpt"
+    state = _two_steps(d)
+    shutil.copytree(d / "2", d / "3")
+    for p in (d / "3").rglob("*"):
+        if p.is_file() and p.name != "_CHECKPOINT_METADATA":
+            p.unlink()
+    ck = Checkpointer(d.absolute(), max_to_keep=3)
+    assert ck.latest_step() == 2 and ck.all_steps() == [1, 2]
+    got, _ = ck.restore(state)
+    assert float(got["w"][0]) == 1.0
+    out = capsys.readouterr().out
+    assert f"checkpoint folder {d.absolute() / '3'} is incomplete" in out and "missing meta/metadata" in out
+    assert ck.skipped == [str(d.absolute() / "3")] and (d / "3.incomplete").is_dir()
+    ck.save(3, {"w": jnp.arange(4.0) + 2}, force=True)
+    ck.wait()
+    assert Checkpointer(d.absolute()).restore(state)[0]["w"][0] == 2.0
+
+
+def test_truncated_array_file_in_newest_step_falls_back(tmp_path, capsys):
+    """A newest step whose index files are there but whose array data was cut short fails to read: restore
+    (latest) sets it aside, naming it, and returns the step before."""
+    d = tmp_path / "ckpt"
+    state = _two_steps(d)
+    for p in (d / "2" / "state").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.write_bytes(p.read_bytes()[:7])
+    ck = Checkpointer(d.absolute(), max_to_keep=3)
+    got, _ = ck.restore(state)
+    assert float(got["w"][0]) == 0.0
+    assert f"checkpoint folder {d.absolute() / '2'} is incomplete (reading it failed" in capsys.readouterr().out
+
+
+def test_small_state_files_are_atomic_and_validated(tmp_path):
+    from arr_jax.checkpoint import atomic_write_json, read_json
+
+    p = atomic_write_json(tmp_path / "sub" / "report.json", {"iterations": 3})
+    assert read_json(p, required=("iterations",)) == {"iterations": 3}
+    assert [x.name for x in p.parent.iterdir()] == ["report.json"]  # no temporary left behind
+    p.write_text('{"iterations": 3, "ev')  # a truncated file is never taken as done
+    with pytest.raises(ValueError, match=r"report\.json is not a complete JSON file"):
+        read_json(p)
+    assert read_json(p, default=None) is None
+    with pytest.raises(ValueError, match=r"lacks the keys \['done'\]"):
+        read_json(atomic_write_json(tmp_path / "m.json", {"x": 1}), required=("done",))
+
+
+def test_truncated_report_is_not_a_finished_sweep_point(tmp_path):
+    from arr_jax.sweep import point_state
+
+    (tmp_path / "report.json").write_text('{"gain": 0.1, "eval": {')
+    assert point_state(tmp_path) == "pending"
+    (tmp_path / "report.json").write_text('{"gain": 0.1}')
+    assert point_state(tmp_path) == "done"
+
+
+def test_damaged_cache_entries_are_recomputed(tmp_path):
+    """Text-embedding and prompt-rubric cache entries cut short are misses, not crashes or answers."""
+    from arr_jax.diffusion.flux_pipeline import PromptCache
+    from arr_jax.judge.reward import PromptRubrics
+
+    cache = PromptCache(tmp_path / "emb", "f" * 64)
+    cache.put("a hat", {"txt": np.ones((2, 3), np.float32)})
+    f = cache._file("a hat")
+    f.write_bytes(f.read_bytes()[:40])
+    assert PromptCache(tmp_path / "emb", "f" * 64).get("a hat") is None
+
+    class Backend:
+        name = "b"
+        calls = 0
+
+        def generate(self, reqs):
+            Backend.calls += len(reqs)
+            return ['{"rubrics": ["the hat is red"]}'] * len(reqs)
+
+    pr = PromptRubrics(Backend(), tmp_path / "pr", k=1)
+    assert pr.criteria(["a red hat"]) == [["the hat is red"]]
+    entry = next((tmp_path / "pr").rglob("*.json"))
+    entry.write_text(entry.read_text()[:15])
+    assert PromptRubrics(Backend(), tmp_path / "pr", k=1).criteria(["a red hat"]) == [["the hat is red"]]
+    assert Backend.calls == 2
+
+
+def test_prompt_rubric_cache_keys_on_endpoint_sampling_and_weights(tmp_path):
+    from arr_jax.judge.reward import PromptRubrics, prompt_rubric_identity
+
+    base = {"model": "m", "endpoint": "http://a/v1", "temperature": 0.0, "max_tokens": 0, "timeout": 10}
+    key = lambda ident: PromptRubrics(object(), None, identity=ident).key  # noqa: E731
+    k0 = key(prompt_rubric_identity("api", base))
+    assert key(prompt_rubric_identity("api", {**base, "endpoint": "http://b/v1"})) != k0
+    assert key(prompt_rubric_identity("api", {**base, "temperature": 0.7})) != k0
+    assert key(prompt_rubric_identity("api", {**base, "timeout": 99})) == k0  # transport only
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros((64, 64), np.float32)}, str(tmp_path / "model.safetensors"))
+    k1 = key(prompt_rubric_identity("qwen3_vl", {"model_dir": str(tmp_path)}, str(tmp_path)))
+    save_file({"w": np.ones((64, 64), np.float32)}, str(tmp_path / "model.safetensors"))  # same shapes, new weights
+    assert key(prompt_rubric_identity("qwen3_vl", {"model_dir": str(tmp_path)}, str(tmp_path))) != k1

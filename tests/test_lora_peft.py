@@ -288,3 +288,106 @@ def test_diffusers_adapts_the_same_modules_from_a_file(tmp_path):
     want = _ours(ours, x)
     assert np.abs(got.numpy() - base.numpy()).max() > 1e-2  # the adapters matter
     assert np.abs(got.numpy() - want).max() / np.abs(want).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- PEFT config fields (issue #19, kind 2)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("rslora", [True, False])
+def test_peft_file_with_use_rslora_loads_at_peft_strength(tmp_path, rslora):
+    """b02: an adapter saved by PEFT + diffusers' save_lora_weights with its LoraConfig as metadata. With
+    use_rslora the scale is alpha/sqrt(r) = 8/2 = 4 (not alpha/r = 2), and our output equals diffusers'."""
+    pytest.importorskip("peft")
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from _tiny_flux import TRANSFORMER, _perturb
+    from arr_jax.convert.flux import load_flux_transformer
+
+    torch.manual_seed(0)
+    small = dict(TRANSFORMER, num_layers=1, num_single_layers=1)
+    src = FluxTransformer2DModel(**small).eval()
+    _perturb(src)
+    src.save_pretrained(tmp_path / "transformer")
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["to_q", "to_k"])
+    src.add_adapter(cfg)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn_like(p))
+    FluxPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(src),
+                                   transformer_lora_adapter_metadata=cfg.to_dict())
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    lc = lora_config_from_file(path)
+    assert lc.scale == pytest.approx(4.0 if rslora else 2.0)
+    ref = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").eval()
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=ref)
+    pipe.load_lora_weights(str(path), adapter_name="rs")
+    assert ref.transformer_blocks[0].attn.to_q.scaling["rs"] == pytest.approx(lc.scale)
+    x = _inputs(channels=64, pooled=16, txt_dim=32)
+    t = {k: torch.from_numpy(v) for k, v in x.items()}
+    with torch.no_grad():
+        want = ref(hidden_states=t["img"], encoder_hidden_states=t["txt"], pooled_projections=t["pooled"],
+                   timestep=t["timestep"], img_ids=t["img_ids"], txt_ids=t["txt_ids"], guidance=t["guidance"]).sample.numpy()
+    ours = load_flux_transformer(tmp_path / "transformer", lora=lc)
+    load_peft_lora(ours, path)
+    got = _ours(ours, x)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
+def _file_with_metadata(path, meta: dict, prefix="transformer."):
+    """A one-module PEFT file (rank 4, to_q of block 0) whose lora_adapter_metadata is ``meta``."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    name = "transformer_blocks.0.attn.to_q"
+    tensors = {f"{prefix}{name}.lora_A.weight": rng.standard_normal((4, 64)).astype(np.float32),
+               f"{prefix}{name}.lora_B.weight": rng.standard_normal((64, 4)).astype(np.float32)}
+    full = {f"{prefix}{k}": v for k, v in {"r": 4, "lora_alpha": 8, "target_modules": [name], **meta}.items()}
+    save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(full)})
+    return path
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_dora", True), ("rank_pattern", {"to_q": 8}), ("alpha_pattern", {"to_q": 16}), ("lora_bias", True),
+    ("bias", "lora_only"), ("fan_in_fan_out", True), ("modules_to_save", ["proj_out"]),
+    ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora"), ("layer_replication", [[0, 1]]),
+    ("target_parameters", ["to_q.weight"]), ("use_qalora", True), ("trainable_token_indices", [1, 2]),
+    ("some_future_field", 3)])
+def test_peft_fields_that_change_the_maths_are_refused_by_name(tmp_path, field, value):
+    path = _file_with_metadata(tmp_path / "a.safetensors", {field: value})
+    with pytest.raises(ValueError, match=rf"{field}="):
+        lora_config_from_file(path)
+    with pytest.raises(ValueError, match=rf"{field}="):
+        load_peft_lora(_tiny(LoRAConfig(rank=4, alpha=8.0, targets=("transformer_blocks.0.attn.to_q",),
+                                        match="exact")), path)
+
+
+def test_peft_default_config_fields_are_accepted(tmp_path):
+    """Every field of a default PEFT LoraConfig (as diffusers stores it) is inert or at its default."""
+    peft = pytest.importorskip("peft")
+    meta = json.loads(json.dumps(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"]).to_dict(), default=str))
+    path = _file_with_metadata(tmp_path / "d.safetensors", meta)
+    assert lora_config_from_file(path).scale == pytest.approx(2.0)
+    path = _file_with_metadata(tmp_path / "r.safetensors", {**meta, "use_rslora": True})
+    assert lora_config_from_file(path).scale == pytest.approx(4.0)
+
+
+def test_export_states_the_maths_fields_and_reimports(tmp_path):
+    src = _tiny(LoRAConfig(rank=4, alpha=16.0))
+    _randomize(src)
+    _, meta = lora_state_dict(src, alpha_format="metadata")
+    m = json.loads(meta["lora_adapter_metadata"])
+    assert m["transformer.use_rslora"] is False and m["transformer.use_dora"] is False
+    assert m["transformer.lora_bias"] is False and m["transformer.bias"] == "none"
+    path = save_peft_lora(src, tmp_path / "m.safetensors", alpha_format="metadata")
+    assert lora_config_from_file(path).scale == pytest.approx(4.0)
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return
+    cfg = LoraConfig(**{k.removeprefix("transformer."): v for k, v in m.items()})
+    assert cfg.use_rslora is False and cfg.r == 4 and cfg.lora_alpha == 16.0

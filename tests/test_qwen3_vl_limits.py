@@ -100,7 +100,11 @@ def test_one_bad_request_fails_alone_and_named():
     assert res.failures.get(parsing.TOO_LONG) == 1 and res.winner[1] == 0 and res.p_first[1] == 0.5
     assert not res.valid[1] and "request 1 (pairwise, index=1)" in res.reasons[1]
     fast = TextJudge(b, choice_scores=True, symmetrize="agree").compare(long_prompts, i1, i2)
-    assert fast.failures == {parsing.TOO_LONG: 2} and fast.valid.tolist() == [True, False, True]
+    # failures in pairs (issue #19, b13): the too-long pair counts once though both orders failed; ties are
+    # outcomes, listed but not failures
+    assert {k: v for k, v in fast.failures.items() if k not in (parsing.TIE, parsing.FALLBACK)} == {
+        parsing.TOO_LONG: 1} and fast.valid.tolist() == [True, False, True]
+    assert sum(fast.failures.values()) <= 3  # one status per pair
     assert fast.p_first[1] == 0.5 and np.all(np.isfinite(fast.p_first))
 
     fast = TextJudge(b, choice_scores=True)

@@ -118,6 +118,35 @@ def test_precompute_release_and_bad_items(dirs):
         short.encode_fn(_items(1))
 
 
+
+def test_an_over_long_prompt_fails_in_precompute_naming_its_line(dirs):
+    """b11: a prompt longer than qwen.text_len is refused by precompute (before iteration 0, before any
+    prompt is encoded), naming its file:line and the text_len that fits; that text_len then works.
+    The count comes from the tokenizer alone and equals the encoder's state count."""
+    from arr_jax.policies import build_policy
+
+    rng = np.random.default_rng(0)
+    src = lambda: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # noqa: E731
+    items = [PromptItem("make the sky green", source=src(), origin="edits.jsonl:1"),
+             PromptItem("make the sky green " + "and add a red hat " * 60, source=src(), origin="edits.jsonl:2")]
+    policy = build_policy(_cfg(dirs))
+    pipe = policy.info["pipeline"]
+    with pytest.raises(ValueError, match=r"^prompt edits\.jsonl:2 gives (\d+) text states \(with its source image\), "
+                                         r"more than qwen\.text_len=320: shorten it, or set --config\.qwen\.text_len="
+                                         r"(\d+)$") as e:
+        policy.precompute(items)
+    assert pipe.prompts.stats["encoded"] == 0 and pipe.snap.text_encoder is not None  # refused before encoding
+    import re
+
+    n, need = map(int, re.search(r"gives (\d+) .*text_len=(\d+)$", str(e.value)).groups())
+    _, cond, _ = pipe.prepare_sources([[it.source] for it in items])
+    assert pipe.prompts.state_lengths([it.text for it in items], cond) == [
+        s.shape[0] for s in pipe.prompts([it.text for it in items], cond)]
+    assert pipe.prompts.state_lengths([items[1].text], cond[1:]) == [n] and need == -(-n // 64) * 64
+    fits = build_policy(_cfg(dirs, qwen__text_len=need))
+    fits.precompute(items)
+    assert fits.encode_fn(items)["txt"].shape[:2] == (2, need)
+
 def test_policy_refuses_other_snapshots(dirs):
     from arr_jax.convert.snapshot import SnapshotError
     from arr_jax.policies import build_policy

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from arr_jax.policies.base import PromptItem
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a blue dog", "the cat on a dog", "a big red dog"]
 HELDOUT = ["a red dog", "the blue cat"]
@@ -307,6 +309,35 @@ def _cfg(files, tmp_path, **over):
         node[last] = v
     return cfg
 
+
+
+def test_flux_prompts_and_sources_are_checked_before_any_is_encoded(files, tmp_path):
+    """b11 for FLUX: a prompt over flux.t5_max_length T5 tokens is refused by precompute (before
+    iteration 0, nothing encoded), naming its file:line, unless flux.long_prompts="truncate" (diffusers'
+    behaviour, counted); a Kontext source of the wrong size is named up front too."""
+    from arr_jax.policies import build_policy
+
+    long = PromptItem("a red cat " * 10, origin="prompts.txt:3")
+    items = [PromptItem(PROMPTS[0], origin="prompts.txt:1"), long]
+    policy = build_policy(_cfg(files, tmp_path))
+    pipe = policy.info["pipeline"]
+    with pytest.raises(ValueError, match=r"^prompt prompts\.txt:3 is \d+ T5 tokens, more than flux\.t5_max_length=16"
+                                         r": .*--config\.flux\.long_prompts=truncate"):
+        policy.precompute(items)
+    assert pipe.stats["encoded"] == 0 and pipe.snap.t5 is not None
+    cut = build_policy(_cfg(files, tmp_path, flux__long_prompts="truncate"))
+    with pytest.warns(UserWarning, match="exceed the T5 limit of 16 tokens"):
+        cut.precompute(items)
+    assert cut.info["pipeline"].stats["t5_truncated"] == 1
+    with pytest.raises(ValueError, match=r"bad config value flux\.long_prompts: 'cut'"):
+        build_policy(_cfg(files, tmp_path, flux__long_prompts="cut"))
+    kontext = build_policy(_cfg(files, tmp_path, kind="flux_kontext", model_dir=str(files["kontext"])))
+    bad = [PromptItem("make it red", source=np.zeros((32, 32, 3), np.uint8), origin="e.jsonl:1"),
+           PromptItem("make it blue", source=np.zeros((16, 32, 3), np.uint8), origin="e.jsonl:2")]
+    with pytest.raises(ValueError, match=r"^prompt e\.jsonl:2: source image is \(16, 32, 3\), the policy needs "
+                                         r"\(32, 32, 3\)"):
+        kontext.precompute(bad)
+    assert kontext.info["pipeline"].stats["encoded"] == 0
 
 @pytest.mark.slow
 def test_bad_inputs_get_a_message_naming_the_thing(files, tmp_path):

@@ -192,8 +192,9 @@ def test_p_first_fast_path_is_a_consistent_probability():
     # TextJudge uses the fast path: both orders from one call, flipped back consistently
     fast = TextJudge(b, choice_scores=True)
     f, r, sf, sr = fast.compare_orders(prompts, i1, i2, RUBRIC)
-    np.testing.assert_allclose(f.p_first, p_fwd, atol=1e-6)
-    np.testing.assert_allclose(r.p_first, 1 - p_rev, atol=1e-6)
+    # both orders in one call: another batch composition, so float32 noise as for the batching check above
+    np.testing.assert_allclose(f.p_first, p_fwd, atol=1e-5)
+    np.testing.assert_allclose(r.p_first, 1 - p_rev, atol=1e-5)
     np.testing.assert_array_equal(f.winner, np.where(p_fwd > 0.5, 1, 2))
     assert sf == ["ok"] * 5 and not f.failures
     # symmetrised by the mean: judging the swapped pairs gives exactly the complement

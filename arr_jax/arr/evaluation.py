@@ -289,7 +289,9 @@ def evaluate(judge, pairs: Sequence, rubrics: dict[str, str | None], out_dir: st
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        from arr_jax.checkpoint import atomic_write_text
+
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
         (out / "report.md").write_text(markdown(report), encoding="utf-8")
         bar_chart(report, out / "accuracy.png")
     return report

@@ -14,11 +14,16 @@ the same output as our model:
   * ``"metadata"``: B unscaled, ``lora_adapter_metadata`` JSON (r, lora_alpha, target_modules) in
     the safetensors header, as diffusers' ``save_lora_weights`` writes it;
   * ``"keys"``: B unscaled, a scalar ``<module>.alpha`` tensor per module (kohya style).
-Import understands all three.
+Import understands all three. With ``use_rslora`` true in the metadata the scale is alpha/sqrt(r)
+(PEFT's rsLoRA), on import; export always writes ``use_rslora: false`` (our scale is alpha/r). Every other
+field of PEFT's LoraConfig is either inert for a saved adapter or, when it changes the maths and is not at
+its default (DoRA ``use_dora``, ``rank_pattern``, ``alpha_pattern``, ``lora_bias``, ``bias``,
+``fan_in_fan_out``, ``modules_to_save``, a PiSSA/OLoRA/LoftQ init, ...), refused by name (ValueError).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +78,8 @@ def lora_state_dict(model: nnx.Module, *, prefix: str = "transformer", alpha_for
             raise ValueError("alpha_format='metadata' needs one rank and one alpha for all modules; use 'bake'")
         rank, scale = ranks.pop(), scales.pop()
         meta = {f"{pre}r": rank, f"{pre}lora_alpha": scale * rank, f"{pre}target_modules": sorted(mods),
-                f"{pre}init_lora_weights": True}
+                f"{pre}init_lora_weights": True, f"{pre}use_rslora": False, f"{pre}use_dora": False,
+                f"{pre}lora_bias": False, f"{pre}bias": "none", f"{pre}fan_in_fan_out": False}
         metadata[METADATA_KEY] = json.dumps(meta, sort_keys=True)
     return tensors, metadata
 
@@ -144,6 +150,58 @@ def _check_layout(tensors: dict[str, np.ndarray], path) -> None:
                 "first, e.g. diffusers' FluxPipeline.load_lora_weights followed by save_lora_weights")
 
 
+# Every field of PEFT's LoraConfig (0.21) and of diffusers' lora_adapter_metadata, sorted by what import does
+# with it. A field that changes the adapters' maths is honoured or, when not at its default, refused by name.
+_HONOURED_FIELDS = frozenset({"r", "lora_alpha", "use_rslora", "target_modules"})
+# No effect on what a saved adapter computes at inference (bookkeeping, training-only, module selection, which
+# the file's own tensor names already fix, or options of an init that leaves the base weights alone).
+_INERT_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "lora_dropout", "exclude_modules", "layers_to_transform", "layers_pattern", "megatron_core",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying", "eva_config", "corda_config", "lora_ga_config",
+    "init_lora_weights"})
+# Fields that change the maths; accepted only at these defaults (None / {} / [] count as unset).
+_REFUSED_UNLESS_DEFAULT = {
+    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False, "use_qalora": False,
+    "rank_pattern": None, "alpha_pattern": None, "modules_to_save": None, "megatron_config": None,
+    "trainable_token_indices": None, "alora_invocation_tokens": None, "layer_replication": None,
+    "target_parameters": None, "use_bdlora": None, "arrow_config": None, "velora_config": None,
+    "monteclora_config": None, "kasa_config": None, "loftq_config": None}
+# init_lora_weights values whose adapters pair with modified base weights (the residual of the decomposition).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _unset(v) -> bool:
+    return v is None or v == {} or v == [] or v == ()
+
+
+def _check_fields(meta: dict, path) -> bool:
+    """Refuse, naming them, the metadata fields this loader cannot honour; returns ``use_rslora``."""
+    bad = []
+    for key in sorted(meta):
+        v = meta[key]
+        if key in _HONOURED_FIELDS or key in _INERT_FIELDS and key != "init_lora_weights":
+            continue
+        if key == "init_lora_weights":
+            if isinstance(v, str) and v.lower().startswith(_BASE_CHANGING_INITS):
+                bad.append(f"init_lora_weights={v!r} (its adapters need the modified base weights)")
+            continue
+        if key in _REFUSED_UNLESS_DEFAULT:
+            default = _REFUSED_UNLESS_DEFAULT[key]
+            if not (_unset(v) or v == default):
+                bad.append(f"{key}={v!r}")
+            continue
+        if not _unset(v) and v is not False:
+            bad.append(f"{key}={v!r} (a field this loader does not know)")
+    if bad:
+        raise ValueError(f"{path}: the LoRA metadata sets {', '.join(bad)}; arr_jax adapters are plain LoRA "
+                         "(x W + scale (x A) B, one rank); merge or convert the adapter to that form first")
+    rslora = meta.get("use_rslora", False)
+    if rslora not in (True, False):
+        raise ValueError(f"{path}: LoRA metadata use_rslora={rslora!r} must be true or false")
+    return bool(rslora)
+
+
 def _modules(tensors: dict[str, np.ndarray], metadata: dict, path="the LoRA file") -> dict[str, dict]:
     """Group keys by module: ``{name: {"A": (r, in), "B": (out, r), "scale": alpha/r}}``."""
     _check_layout(tensors, path)
@@ -164,6 +222,7 @@ def _modules(tensors: dict[str, np.ndarray], metadata: dict, path="the LoRA file
                 break
         else:
             raise ValueError(f"{path}: key {key!r} is not a PEFT lora_A / lora_B / alpha tensor")
+    rslora = _check_fields(meta, path)
     for name, m in out.items():
         if "A" not in m or "B" not in m:
             raise ValueError(f"{path}: LoRA module {name!r} lacks its {'lora_A' if 'A' not in m else 'lora_B'} weight")
@@ -173,12 +232,13 @@ def _modules(tensors: dict[str, np.ndarray], metadata: dict, path="the LoRA file
         if "alpha" in m:
             alpha = float(m["alpha"])
         else:
-            alpha = meta.get("alpha_pattern", {}).get(name, meta.get("lora_alpha"))
-            r = meta.get("rank_pattern", {}).get(name, meta.get("r", rank))
+            alpha = meta.get("lora_alpha")
+            r = meta.get("r", rank)
             if alpha is not None and r != rank:
                 raise ValueError(f"{path}: LoRA module {name!r}: metadata rank {r} != stored rank {rank}")
-            alpha = rank if alpha is None else float(alpha)  # PEFT's no-alpha convention: scale 1
-        m["scale"] = alpha / rank
+            alpha = (math.sqrt(rank) if rslora else rank) if alpha is None else float(alpha)  # no alpha: scale 1
+        # PEFT's LoraLayer.update_layer: scaling = alpha / sqrt(r) with use_rslora, else alpha / r.
+        m["scale"] = alpha / (math.sqrt(rank) if rslora else rank)
     return out
 
 

@@ -190,11 +190,18 @@ class PromptCache:
             return self._mem[prompt]
         if self.dir is None or not self._file(prompt).exists():
             return None
-        with np.load(self._file(prompt)) as f:
-            if str(f["prompt"]) != prompt:  # hash collision: treat as missing
-                return None
-            entry = {k: _restore(f[k], str(f[f"{k}__dtype"])) for k in f.files
-                     if k != "prompt" and not k.endswith("__dtype")}
+        try:
+            with np.load(self._file(prompt)) as f:
+                if str(f["prompt"]) != prompt:  # hash collision: treat as missing
+                    return None
+                entry = {k: _restore(f[k], str(f[f"{k}__dtype"])) for k in f.files
+                         if k != "prompt" and not k.endswith("__dtype")}
+        except Exception as e:  # noqa: BLE001 - a truncated / damaged entry (zip, pickle, key errors) is re-encoded
+            import logging
+
+            logging.getLogger(__name__).warning("prompt cache: ignoring damaged entry %s (%s: %s)", self._file(prompt),
+                                                type(e).__name__, e)
+            return None
         self._remember(prompt, entry)
         return entry
 
@@ -205,9 +212,19 @@ class PromptCache:
         arrays = {"prompt": np.array(prompt)}
         for k, v in entry.items():
             arrays[k], arrays[f"{k}__dtype"] = _storable(v)
-        tmp = self._file(prompt).with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(self._file(prompt))
+        import os
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix=".entry.", suffix=".tmp.npz", dir=self.dir)  # unique: processes share dirs
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._file(prompt))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _storable(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +302,9 @@ class FluxPipeline:
     # --- text -----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         """``txt`` (B, L_t5, joint_dim) and ``pooled`` (B, P), via the cache; new prompts in fixed batches."""
-        prompts = list(prompts)
+        from arr_jax.diffusion.qwen_image_text import as_prompt_list
+
+        prompts = as_prompt_list(prompts)
         found = {p: self.cache.get(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, e in found.items() if e is None]
         self.stats["cache_hits"] += len(prompts) - len(missing)  # duplicates are encoded once
@@ -346,6 +365,9 @@ class FluxPipeline:
         """
         if sources is not None and source_latents is not None:
             raise ValueError("give Kontext sources either as images (sources) or as latents (source_latents)")
+        from arr_jax.diffusion.qwen_image_text import as_prompt_list
+
+        prompts = as_prompt_list(prompts)
         emb = self.encode_prompts(prompts)
         b = len(prompts)
         cond = {"txt": jnp.asarray(emb["txt"]), "pooled": jnp.asarray(emb["pooled"])}
@@ -380,6 +402,9 @@ class FluxPipeline:
         return jax.tree.map(put, tree)
 
     def _prepare(self, prompts, height, width, guidance, sources, seeds, latents):
+        from arr_jax.diffusion.qwen_image_text import as_prompt_list
+
+        prompts = as_prompt_list(prompts)
         if self.kind == "flux" and sources is not None:
             raise ValueError("source images given, but this snapshot is a text-to-image FluxPipeline")
         sources_u8 = None if sources is None else to_rgb_uint8_batch(sources, name="Kontext source images")

@@ -29,7 +29,7 @@ from flax import nnx
 
 from arr_jax.diffusion.flux_pipeline import (SampleOutput, check_image_size, flux_mu, from_uint8, pack_latents,
                                              unpack_latents)
-from arr_jax.diffusion.qwen_image_text import MAX_SOURCES, QwenImagePromptEncoder, pad_states
+from arr_jax.diffusion.qwen_image_text import MAX_SOURCES, QwenImagePromptEncoder, as_prompt_list, pad_states
 from arr_jax.diffusion.rollout import Trajectory, sde_rollout
 from arr_jax.diffusion.schedule import rollout_sigmas
 from arr_jax.diffusion.sde import ode_step
@@ -126,11 +126,15 @@ class QwenImageLatentSpace:
 def as_source_lists(sources, batch: int) -> list[list[np.ndarray]]:
     """Normalise ``sources`` to one list of uint8 (H, W, 3) images per prompt.
 
-    Accepted: None; one image (H, W, 3) for every prompt; a batch (B, H, W, 3) (one per prompt); or a
-    list of B entries, each an image or a list of images.
+    Accepted: None; one image (H, W, 3) array, PIL image, path or bytes for every prompt; a batch (B, H, W, 3)
+    (one per prompt); or a list of B entries, each an image (array or PIL) or a list of images.
     """
+    from arr_jax.data.images import to_rgb_uint8
+
     if sources is None:
         return [[] for _ in range(batch)]
+    if not isinstance(sources, (np.ndarray, list, tuple)):  # one PIL image / path / bytes, as diffusers takes
+        sources = to_rgb_uint8(sources, name="source image")
     if isinstance(sources, np.ndarray):
         if sources.ndim == 3:
             return [[sources] for _ in range(batch)]
@@ -138,7 +142,12 @@ def as_source_lists(sources, batch: int) -> list[list[np.ndarray]]:
             sources = list(sources)
         else:
             raise ValueError(f"source images must be (H, W, 3) or (B, H, W, 3) uint8, got shape {sources.shape}")
-    out = [[s] if isinstance(s, np.ndarray) and s.ndim == 3 else [np.asarray(x) for x in s] for s in sources]
+    def one(x, where):
+        return x if isinstance(x, np.ndarray) else to_rgb_uint8(x, name=where)
+
+    out = [[s] if isinstance(s, np.ndarray) and s.ndim == 3
+           else [one(s, f"source image {i}")] if not isinstance(s, (list, tuple, np.ndarray))
+           else [one(x, f"source image {i}[{j}]") for j, x in enumerate(s)] for i, s in enumerate(sources)]
     if len(out) == 1 and batch > 1:
         out = out * batch
     if len(out) != batch:
@@ -258,7 +267,7 @@ class QwenImagePipeline:
     def conditioning(self, prompts: Sequence[str], sources=None, negative_prompt: str | Sequence[str] | None = None):
         """(cond, neg_cond or None, source VAE sizes) for `QwenImageLatentSpace.apply`; ``self.last_source_hw``
         keeps the original size of the first prompt's last source (the default output aspect)."""
-        prompts = list(prompts)
+        prompts = as_prompt_list(prompts)
         srcs = as_source_lists(sources, len(prompts))
         vae_imgs, cond_imgs, hws = self.prepare_sources(srcs)
         self.last_source_hw = srcs[0][-1].shape[:2] if srcs[0] else None
@@ -284,7 +293,7 @@ class QwenImagePipeline:
         return jnp.stack([jax.random.normal(jax.random.key(int(s)), space.latent_shape, jnp.float32) for s in seeds])
 
     def _prepare(self, prompts, sources, negative_prompt, height, width, seeds, latents):
-        prompts = list(prompts)
+        prompts = as_prompt_list(prompts)
         cond, neg, hws = self.conditioning(prompts, sources, negative_prompt)
         if hws:
             sh, sw = self.last_source_hw

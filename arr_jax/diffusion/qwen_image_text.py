@@ -43,6 +43,24 @@ TEMPLATES = {"t2i": (_SYSTEM_T2I, 34), "edit": (_SYSTEM_EDIT, 64), "edit_plus": 
 MAX_SOURCES = {"t2i": 0, "edit": 1, "edit_plus": 3}  # Edit-2509's model card: 1 to 3 input images
 
 
+def as_prompt_list(prompts, name: str = "prompts") -> list[str]:
+    """Normalise a public ``prompts`` argument as diffusers' pipelines do: one string is one prompt;
+    a list / tuple (or 1-d array) of strings is a batch. Anything else, or a non-string entry, raises
+    TypeError naming it (a bare string is never split into characters)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__} ({p!r:.60})")
+    if not prompts:
+        raise ValueError(f"{name} is empty: give at least one prompt")
+    return list(prompts)
+
+
 def prompt_text(kind: str, prompt: str, n_images: int) -> str:
     """The full chat text the text encoder reads for ``prompt`` with ``n_images`` source images."""
     if kind not in TEMPLATES:
@@ -84,7 +102,10 @@ class QwenImagePromptEncoder:
         self.max_sequence_length, self.max_text_tokens = max_sequence_length, max_text_tokens
         self.seq_bucket, self.window_bucket, self.encode_batch = seq_bucket, window_bucket, encode_batch
         dtype = snapshot.text_encoder.model.language_model.embed_tokens.embedding.get_value().dtype
-        fp = snapshot.text_fingerprint(dtype) + f"/drop{self.drop}/max{max_sequence_length}/{max_text_tokens}"
+        # the cache key's parts: encoder files, tokenizer, image preprocessing, dtype, kind (text_fingerprint),
+        # the prompt template and its dropped prefix, and the length limits; the file adds prompt + source hashes
+        fp = (snapshot.text_fingerprint(dtype) + f"/template{TEMPLATES[self.kind][0]!r}/drop{self.drop}"
+              f"/max{max_sequence_length}/{max_text_tokens}")
         self.cache = PromptCache(cache_dir, hashlib.sha256(fp.encode()).hexdigest())
         self.stats = {"encoded": 0, "cache_hits": 0, "truncated": 0}
         self._graph = nnx.split(snapshot.text_encoder)
@@ -98,7 +119,7 @@ class QwenImagePromptEncoder:
                  ) -> list[np.ndarray]:
         """``prompts`` (B) and per prompt its condition images (uint8 (H, W, 3), already at the condition
         size) -> B arrays (L_i, D). Raises ValueError for images given to text-to-image or missing for editing."""
-        prompts = list(prompts)
+        prompts = as_prompt_list(prompts)
         images = [list(x) for x in images] if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
@@ -123,6 +144,22 @@ class QwenImagePromptEncoder:
                 self.cache.put(k, found[k])
             self.stats["encoded"] += len(chunk)
         return [found[k]["txt"] for k in keys]
+
+    def state_lengths(self, prompts: Sequence[str], images: Sequence[Sequence[np.ndarray]] | None = None,
+                      ) -> list[int]:
+        """How many text states `__call__` gives each prompt (with its condition images, already at the
+        condition size), from the tokenizer and image processor alone (no encoder pass; works after
+        `release`): the templated tokens minus the dropped prefix (text-to-image: at most
+        ``max_sequence_length``, after truncation to ``max_text_tokens``)."""
+        prompts = as_prompt_list(prompts)
+        images = [list(x) for x in images] if images is not None else [[] for _ in prompts]
+        out = []
+        for prompt, ims in zip(prompts, images):
+            n = len(self.snap.processor.encode(prompt_text(self.kind, prompt, len(ims)), ims)[0]) - self.drop
+            if self.kind == "t2i":
+                n = min(n, self.max_text_tokens, self.max_sequence_length)
+            out.append(n)
+        return out
 
     def _encode(self, items: list[tuple[str, list[np.ndarray]]]) -> list[np.ndarray]:
         proc, cfg = self.snap.processor, self.snap.text_config

@@ -41,7 +41,12 @@ def sde_step(v: jax.Array, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array
       v, x: (B, ...) velocity and current latent (cast to float32 here).
       sigma, sigma_next: scalars (same for the whole batch).
       eta: noise level (SPEC default 0.3).
-      kind: "dance" (DanceGRPO, the paper) or "flow_grpo" (Flow-GRPO's SDE).
+      kind: "dance" (DanceGRPO, the paper) or "flow_grpo" (Flow-GRPO's SDE, ``sd3_sde_with_logprob``:
+        ``std_dev_t = eta * sqrt(sigma / (1 - sigma))`` with ``sigma_next`` in the denominator at
+        ``sigma == 1``, the first step of every schedule `rollout_sigmas` makes).
+
+    Returns `StepOut`; ``logp`` (B,) float32, ``std`` a float32 scalar. Raises ValueError for an unknown
+    ``kind`` or when neither/both of ``noise``/``x_next`` are given.
     """
     if (noise is None) == (x_next is None):
         raise ValueError("sde_step needs exactly one of noise= (sample) or x_next= (score)")
@@ -56,11 +61,13 @@ def sde_step(v: jax.Array, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array
         mean = x + dsigma * v - 0.5 * eta * eta * score * dsigma
         std = eta * jnp.sqrt(-dsigma)
     elif kind == "flow_grpo":
-        # Flow-GRPO: std_dev_t = eta * sqrt(sigma / (1 - sigma)), sigma clipped away from 1.
-        s = jnp.minimum(sigma, 1.0 - 1e-3)
-        std_dev = eta * jnp.sqrt(s / (1.0 - s))
-        mean = (x * (1.0 + std_dev**2 / (2.0 * s) * dsigma)
-                + v * (1.0 + std_dev**2 * (1.0 - s) / (2.0 * s)) * dsigma)
+        # Flow-GRPO (sd3_sde_with_logprob): std_dev_t = eta * sqrt(sigma / (1 - sigma)), except that at
+        # sigma == 1 (the first step) the denominator's sigma is replaced by sigmas[1], which is this
+        # step's sigma_next. Only that denominator changes; every other sigma stays the true one.
+        denom_sigma = jnp.where(sigma == 1.0, sigma_next, sigma)
+        std_dev = eta * jnp.sqrt(sigma / (1.0 - denom_sigma))
+        mean = (x * (1.0 + std_dev**2 / (2.0 * sigma) * dsigma)
+                + v * (1.0 + std_dev**2 * (1.0 - sigma) / (2.0 * sigma)) * dsigma)
         std = std_dev * jnp.sqrt(-dsigma)
     else:
         raise ValueError(f"unknown SDE kind {kind!r}; use 'dance' or 'flow_grpo'")

@@ -74,6 +74,10 @@ class PairwiseBatch:
     failures: counted failures by kind (parse errors, unreadable images, ...).
     reasons:  B free-text explanations, or None (a failed pair's names what failed).
     valid:    (B,) bool, False where the judgement failed (winner 0, p_first 0.5); default all True.
+    statuses: B per-pair parse statuses (`parsing.STATUSES`), or None when the judge has none.
+
+    Units: ``failures`` counts PAIRS (one status per pair; a symmetrised pair judged in two orders
+    is still one pair, see `combine_orders`).
 
     A p_first that is not finite (NaN, inf) or outside [0, 1] is a failure wherever it comes
     from: the constructor sets that pair's p_first to 0.5, winner 0, valid False, and counts it
@@ -86,6 +90,7 @@ class PairwiseBatch:
     failures: dict[str, int] = dataclasses.field(default_factory=dict)
     reasons: list[str] | None = None
     valid: np.ndarray | None = None
+    statuses: list[str] | None = None
 
     def __post_init__(self):
         self.winner = np.asarray(self.winner, np.int8)
@@ -107,10 +112,17 @@ class PairwiseBatch:
             p[bad] = 0.5
             self.winner = np.where(bad, 0, self.winner).astype(np.int8)
             self.valid = self.valid & ~bad
+            if self.statuses is not None:
+                self.statuses = [parsing.NON_FINITE if non_finite[i] else parsing.BAD_VALUE if out_of_range[i] else st
+                                 for i, st in enumerate(self.statuses)]
             if self.reasons is not None:
                 self.reasons = [f"unusable P(image 1) = {raw[i]}" + (f"; {r}" if r else "") if bad[i] else r
                                 for i, r in enumerate(self.reasons)]
         self.p_first = p
+        if self.statuses is not None:
+            self.statuses = [str(x) for x in self.statuses]
+            if len(self.statuses) != p.shape[0]:
+                raise ValueError(f"statuses has {len(self.statuses)} entries for {p.shape[0]} pairs")
 
     def __len__(self) -> int:
         return int(self.winner.shape[0])
@@ -173,6 +185,7 @@ def flip(batch: PairwiseBatch) -> PairwiseBatch:
         failures=dict(batch.failures),
         reasons=None if batch.reasons is None else list(batch.reasons),
         valid=batch.valid.copy(),
+        statuses=None if batch.statuses is None else list(batch.statuses),
     )
 
 
@@ -182,7 +195,9 @@ def combine_orders(fwd: PairwiseBatch, rev_flipped: PairwiseBatch, mode: str = "
     mode "agree": a win only where both orders name the same winner, a tie otherwise
     (p_first = mean of the two). mode "mean": p_first = mean, winner from p_first. Either way a
     pair whose judgement failed in one order fails (winner 0, p_first 0.5, valid False): one
-    order alone would bring back the positional bias symmetrising removes.
+    order alone would bring back the positional bias symmetrising removes. ``failures`` of the
+    result counts pairs, each failed pair once (see `pair_failures`), so it compares with limits
+    stated in pairs.
     """
     if mode not in ("agree", "mean"):
         raise ValueError(f"unknown combine mode {mode!r}; expected 'agree' or 'mean'")
@@ -193,14 +208,52 @@ def combine_orders(fwd: PairwiseBatch, rev_flipped: PairwiseBatch, mode: str = "
         p = np.where(w == 0, 0.5, p)
     else:
         w = np.where(valid, winner_from_p(p), 0).astype(np.int8)
-    failures = dict(fwd.failures)
-    for k, v in rev_flipped.failures.items():
-        failures[k] = failures.get(k, 0) + v
+    failures, statuses = pair_failures(fwd, rev_flipped, valid, w)
     reasons = None
     if fwd.reasons is not None and rev_flipped.reasons is not None:
         reasons = [f"fwd: {a} | rev: {b}" for a, b in zip(fwd.reasons, rev_flipped.reasons)]
     return PairwiseBatch(winner=w, p_first=p.astype(np.float32), criteria=fwd.criteria,
-                         failures=failures, reasons=reasons, valid=valid)
+                         failures=failures, reasons=reasons, valid=valid, statuses=statuses)
+
+
+def pair_failures(fwd: PairwiseBatch, rev: PairwiseBatch, valid: np.ndarray, winner: np.ndarray):
+    """``failures`` of a symmetrised batch in PAIRS (a pair judged in two orders is one pair) and the
+    per-pair statuses. A failed pair counts once, under the kind of its forward order when that
+    failed, else of its swapped order; a usable pair counts as ``tie`` when the combined winner is 0
+    and as ``fallback`` when either order answered in prose. Without per-pair statuses the failed
+    pairs are attributed to kinds from the counts (forward kinds first), their total still in pairs."""
+    n = len(valid)
+    if fwd.statuses is not None and rev.statuses is not None:
+        statuses = []
+        for i in range(n):
+            a, b = fwd.statuses[i], rev.statuses[i]
+            if not valid[i]:
+                st = a if not fwd.valid[i] else b
+            elif winner[i] == 0:
+                st = parsing.TIE
+            elif parsing.FALLBACK in (a, b):
+                st = parsing.FALLBACK
+            else:
+                st = a if a != parsing.OK else b
+            statuses.append(st)
+        return {k: v for k, v in Counter(statuses).items() if k not in (parsing.OK, parsing.REPAIRED)}, statuses
+    failures: Counter = Counter()
+    fail_kinds = lambda b: [(k, int(v)) for k, v in sorted(b.failures.items()) if k not in _NOT_FAILURES and v]  # noqa: E731
+    budget = {"fwd": int(np.sum(~fwd.valid)), "rev": int(np.sum(fwd.valid & ~rev.valid))}
+    for side, batch in (("fwd", fwd), ("rev", rev)):
+        for k, v in fail_kinds(batch):
+            take = min(v, budget[side])
+            failures[k] += take
+            budget[side] -= take
+        if budget[side]:
+            failures["failed"] += budget[side]
+    ties = int(np.sum(valid & (winner == 0)))
+    if ties:
+        failures[parsing.TIE] = ties
+    fb = max(int(fwd.failures.get(parsing.FALLBACK, 0)), int(rev.failures.get(parsing.FALLBACK, 0)))
+    if fb:
+        failures[parsing.FALLBACK] = fb
+    return dict(failures), None
 
 
 def concat(batches: Sequence[PairwiseBatch]) -> PairwiseBatch:
@@ -219,11 +272,14 @@ def concat(batches: Sequence[PairwiseBatch]) -> PairwiseBatch:
     reasons = None
     if all(b.reasons is not None for b in batches):
         reasons = [r for b in batches for r in b.reasons]
+    statuses = None
+    if all(b.statuses is not None for b in batches):
+        statuses = [x for b in batches for x in b.statuses]
     return PairwiseBatch(
         winner=np.concatenate([b.winner for b in batches]),
         p_first=np.concatenate([b.p_first for b in batches]),
         criteria=crit, failures=failures, reasons=reasons,
-        valid=np.concatenate([b.valid for b in batches]))
+        valid=np.concatenate([b.valid for b in batches]), statuses=statuses)
 
 
 # --------------------------------------------------------------------------------------------

@@ -122,8 +122,13 @@ def build_judge(jc, *, rules=None, workdir: str | Path | None = None):
     prompt_rubrics = None
     if jc.prompt_rubrics == "generate":
         cache = jc.get("prompt_rubrics_dir", "") or (Path(workdir) / "prompt_rubrics" if workdir else None)
+        from arr_jax.judge.reward import prompt_rubric_identity
+
+        section = {"world": backend_cfg.world, "qwen3_vl": backend_cfg.qwen3_vl, "api": backend_cfg.openai}[jc.kind]
         prompt_rubrics = PromptRubrics(backend, cache, k=jc.prompt_rubrics_k, guide=rubric,
-                                       identity={"kind": jc.kind, "model": model})
+                                       identity=prompt_rubric_identity(
+                                           jc.kind, section.to_dict(),
+                                           backend_cfg.qwen3_vl.model_dir if jc.kind == "qwen3_vl" else None))
     if rubric is None:
         log.warning("judge %s: no rubric file (judge.rubric is empty): judging directly, the paper's baseline",
                     judge.name)

@@ -39,6 +39,33 @@ def _takes(fn, name: str) -> bool:
         return False
 
 
+# Backend settings that do not change an answer (transport, batching, where caches live).
+_NOT_ANSWER_SETTINGS = frozenset({"api_key_env", "timeout", "max_retries", "backoff", "concurrency", "cache_dir",
+                                  "batch_size", "seq_bucket", "patch_bucket", "image_bucket"})
+
+
+def prompt_rubric_identity(kind: str, backend_settings: dict, model_dir: str | None = None) -> dict:
+    """The judge part of the prompt-rubric cache key (`PromptRubrics`), in one place:
+
+      * ``kind``: the judge kind (api / qwen3_vl / world);
+      * ``settings``: the backend's settings that change an answer: for an API judge the
+        ``endpoint`` and ``model`` (two servers may serve different weights under one model name),
+        sampling (temperature, token budget, top_p, seed, reasoning) and image encoding
+        (``image_format``, ``max_image_side``); everything but `_NOT_ANSWER_SETTINGS`;
+      * ``weights``: for a local model, a fingerprint of ``model_dir``'s config and weight files
+        (`arr_jax.convert.snapshot._files_fingerprint`), so re-trained weights in the same folder miss.
+
+    `PromptRubrics` adds the rest: ``k``, the guide (rubric file) sha256 and the decompose template
+    text; the file name adds the prompt and a hash of its source image."""
+    settings = {k: v for k, v in sorted(backend_settings.items()) if k not in _NOT_ANSWER_SETTINGS}
+    out = {"kind": kind, "settings": settings}
+    if model_dir and Path(model_dir).is_dir():
+        from arr_jax.convert.snapshot import _files_fingerprint
+
+        out["weights"] = _files_fingerprint(Path(model_dir))
+    return out
+
+
 class PromptRubrics:
     """Prompt-specific criteria from a `TextBackend`, cached on disk (one JSON file per prompt).
 
@@ -87,8 +114,10 @@ class PromptRubrics:
             return self._mem[(item.text, sk)]
         if self.dir is None or not self._file(item.text, sk).exists():
             return None
-        d = json.loads(self._file(item.text, sk).read_text(encoding="utf-8"))
-        if d.get("prompt") != item.text:
+        from arr_jax.checkpoint import read_json
+
+        d = read_json(self._file(item.text, sk), default=None)  # a truncated entry is asked again
+        if not isinstance(d, dict) or d.get("prompt") != item.text or not isinstance(d.get("rubrics"), list):
             return None
         self._mem[(item.text, sk)] = list(d["rubrics"])
         return self._mem[(item.text, sk)]
@@ -123,11 +152,9 @@ class PromptRubrics:
                                 text[:80], parsed.status)
                 self._mem[(text, sk)] = crit
                 if self.dir is not None and crit:  # failures are asked again on the next run
-                    f = self._file(text, sk)
-                    tmp = f.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"prompt": text, "rubrics": crit, "status": parsed.status}),
-                                   encoding="utf-8")
-                    tmp.replace(f)
+                    from arr_jax.checkpoint import atomic_write_json
+
+                    atomic_write_json(self._file(text, sk), {"prompt": text, "rubrics": crit, "status": parsed.status})
         return [self._mem[(it.text, sk)] for it, sk in zip(items, keys)]
 
     @property

@@ -258,7 +258,8 @@ class TextJudge:
                     p[i] = 1.0 if winner[i] == 1 else 0.0
         fails = {k: v for k, v in Counter(statuses).items() if k not in (parsing.OK, parsing.REPAIRED)}
         valid = np.array([s not in parsing.FAILURES for s in statuses], bool)
-        return PairwiseBatch(winner=winner, p_first=p, failures=fails, reasons=reasons, valid=valid), statuses
+        return (PairwiseBatch(winner=winner, p_first=p, failures=fails, reasons=reasons, valid=valid, statuses=statuses),
+                statuses)
 
     def _run(self, reqs: list[ChatRequest], b: int, parts: int = 1) -> list[tuple[PairwiseBatch, list[str]]]:
         """One backend call for ``parts`` consecutive blocks of requests about B pairs each."""
@@ -272,7 +273,8 @@ class TextJudge:
                 why = [f"P(Image 1 ranks first) = {x:.4f}" if ok else note for x, ok, note in zip(q, valid, notes)]
                 status = [x if x is not None else parsing.OK if wi else parsing.TIE for x, wi in zip(st, w)]
                 fails = {k: v for k, v in Counter(status).items() if k != parsing.OK}
-                out.append((PairwiseBatch(winner=w, p_first=q, reasons=why, failures=fails, valid=valid), status))
+                out.append((PairwiseBatch(winner=w, p_first=q, reasons=why, failures=fails, valid=valid, statuses=status),
+                            status))
             return out
         texts = generate_isolated(self.backend, reqs)
         n = len(reqs) // parts

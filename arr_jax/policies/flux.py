@@ -86,6 +86,9 @@ def build(cfg, rules=None) -> Policy:
     if cfg.kind not in PIPELINE_KIND:
         raise ValueError(f"flux policy: kind {cfg.kind!r} is not one of {sorted(PIPELINE_KIND)}")
     r = cfg.rpo
+    long_prompts = cfg.flux.get("long_prompts", "error")
+    if long_prompts not in ("error", "truncate"):
+        raise ValueError(f"bad config value flux.long_prompts: {long_prompts!r} is not 'error' or 'truncate'")
     pipe = load_pipeline(cfg, rules, lora_config(r), lora_seed=cfg.seed)
     editing = cfg.kind == "flux_kontext"
     space = pipe.latent_space(r.height, r.width, (r.height, r.width) if editing else None)
@@ -126,9 +129,37 @@ def build(cfg, rules=None) -> Policy:
 
     decode_fn = _decode_fn(vae_graph, space)
 
+    def check_prompts(items: Sequence[PromptItem]) -> None:
+        """Before any prompt is encoded: every Kontext prompt has a source of ``rpo.height x rpo.width``,
+        and (``flux.long_prompts="error"``) no prompt is longer than T5's ``flux.t5_max_length`` tokens,
+        which T5 would silently cut while the judge reads the whole prompt. One ValueError naming the
+        first offending prompt's file:line."""
+        if editing:
+            for it in items:
+                source_key(it)
+                if tuple(np.shape(it.source)) != (r.height, r.width, 3):
+                    raise ValueError(f"prompt {it.origin or repr(it.text[:60])}: source image is "
+                                     f"{tuple(np.shape(it.source))}, the policy needs {(r.height, r.width, 3)} "
+                                     "(rpo.height x rpo.width; arr_jax.data.prompts brings sources there)")
+        if long_prompts != "error":
+            return
+        tok = pipe.snap.t5_tokenizer
+        texts = list(dict.fromkeys(it.text for it in items))
+        lengths = dict(zip(texts, tok(texts)[1].tolist())) if texts else {}
+        over = [it for it in items if lengths[it.text] > tok.max_length]
+        if over:
+            it = over[0]
+            n = len({o.text for o in over})
+            raise ValueError(f"prompt {it.origin or repr(it.text[:60])} is {lengths[it.text]} T5 tokens, more than "
+                             f"flux.t5_max_length={tok.max_length}" + (f" ({n} prompts are)" if n > 1 else "")
+                             + ": T5 would see only its start while the judge reads all of it. Shorten it, or set "
+                             "--config.flux.long_prompts=truncate to train on the cut prompts (diffusers' behaviour)")
+
     def precompute(items: Sequence[PromptItem]) -> None:
+        """Before iteration 0: `check_prompts`, then every prompt (and Kontext source) encoded once."""
         from tqdm.auto import tqdm
 
+        check_prompts(items)
         texts = list(dict.fromkeys(it.text for it in items))
         chunk = max(pipe.encode_batch, 1) * 8
         for lo in tqdm(range(0, len(texts), chunk), desc="text embeddings", unit="batch", dynamic_ncols=True,

@@ -106,12 +106,21 @@ def build(cfg, rules=None) -> Policy:
         _, cond_imgs, _ = pipe.prepare_sources(srcs)
         return pipe.prompts([it.text for it in items], cond_imgs)
 
+    def check_lengths(items: Sequence[PromptItem], lengths: Sequence[int]) -> None:
+        """One ValueError naming the first prompt (file:line) whose text states (with its source image)
+        exceed ``qwen.text_len``, how many do, and the ``text_len`` that fits them all."""
+        over = [(it, n) for it, n in zip(items, lengths) if n > q.text_len]
+        if over:
+            it, n = over[0]
+            need = -(-max(n for _, n in over) // 64) * 64
+            raise ValueError(f"prompt {it.origin or repr(it.text[:60])} gives {n} text states (with its source "
+                             f"image), more than qwen.text_len={q.text_len}"
+                             + (f" ({len(over)} prompts do)" if len(over) > 1 else "")
+                             + f": shorten it, or set --config.qwen.text_len={need}")
+
     def encode_fn(items: Sequence[PromptItem]) -> dict:
         states = text_states(items)
-        for it, s in zip(items, states):
-            if s.shape[0] > q.text_len:
-                raise ValueError(f"prompt {it.origin or repr(it.text[:60])} gives {s.shape[0]} text states (with "
-                                 f"its source image), more than qwen.text_len={q.text_len}; raise it")
+        check_lengths(items, [s.shape[0] for s in states])
         txt, mask = pad_states(states, length=q.text_len)
         return {"txt": jnp.asarray(txt), "txt_mask": jnp.asarray(mask),
                 "source": jnp.asarray(source_latents(items), jnp.float32)}
@@ -119,10 +128,17 @@ def build(cfg, rules=None) -> Policy:
     decode_fn = _decode_fn(vae_graph, space)
 
     def precompute(items: Sequence[PromptItem]) -> None:
+        """Before iteration 0: checks every prompt's source and text length (`check_lengths`, ValueError
+        naming the prompt's file:line), then encodes each (prompt, source) once."""
         from tqdm.auto import tqdm
 
         todo = list({(it.text, hashlib.sha1(np.ascontiguousarray(it.source).tobytes()).hexdigest()): it
                      for it in items if it.source is not None}.values())
+        check(items)  # every prompt has a source of the policy's size, before any is encoded
+        for lo in range(0, len(todo), 64):  # every prompt's length, from the tokenizer: before any is encoded
+            part = todo[lo:lo + 64]
+            _, cond_imgs, _ = pipe.prepare_sources(check(part))
+            check_lengths(part, pipe.prompts.state_lengths([it.text for it in part], cond_imgs))
         chunk = max(pipe.prompts.encode_batch, 1) * 8
         for lo in tqdm(range(0, len(todo), chunk), desc="text embeddings", unit="batch", dynamic_ncols=True,
                        disable=len(todo) <= chunk):

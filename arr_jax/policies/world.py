@@ -75,8 +75,20 @@ def build(cfg, rules=None) -> Policy:
 
         return save_peft_lora(model, path, prefix="transformer", metadata=metadata)
 
+    def precompute(items) -> None:
+        """Before iteration 0: every prompt must be a caption of the world's grammar (known words, at
+        most ``model.max_tokens`` of them); one ValueError naming the first bad prompt's file:line."""
+        from arr_jax.world import spec
+
+        for it in items:
+            try:
+                spec.tokenize([it.text], cfg.model.max_tokens)
+            except ValueError as e:
+                raise ValueError(f"prompt {it.origin or repr(it.text[:60])}: {e}; the world policy reads only "
+                                 "captions of its grammar (arr_jax.world.spec)") from None
+
     digest = hashlib.sha256(base_path.read_bytes()).hexdigest()
-    return Policy(kind="world", model=net.flux, apply_fn=px.apply,
+    return Policy(kind="world", model=net.flux, apply_fn=px.apply, precompute=precompute,
                   encode_fn=lambda items: encoder([it.text for it in items]), decode_fn=decode_fn,
                   decode_params=None, latent_shape=px.latent_shape,
                   export_lora=None if r.full_finetune else export_lora,

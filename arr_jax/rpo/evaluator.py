@@ -78,15 +78,18 @@ class Evaluator:
         fwd = self.judge.compare(items, current, base)
         if self._symmetric():  # the judge already combined both orders
             rev_w = fwd.winner
-            failures = dict(fwd.failures)
-        else:
+            failures, failed = dict(fwd.failures), ~fwd.valid
+        else:  # failures in PAIRS: a pair failed in both orders counts once
+            from arr_jax.judge.base import flip, pair_failures
+
             rev = self.judge.compare(items, base, current)
             rev_w = flip_winner(rev.winner)
-            failures = {k: fwd.failures.get(k, 0) + rev.failures.get(k, 0)
-                        for k in set(fwd.failures) | set(rev.failures)}
+            failed = ~(fwd.valid & rev.valid)
+            failures, _ = pair_failures(fwd, flip(rev), ~failed, np.where(fwd.winner == rev_w, fwd.winner, 0))
         s = 0.5 * (_scores(fwd.winner) + _scores(rev_w))
         sums = {"n": float(len(s)), "s": float(s.sum()), "s2": float((s ** 2).sum()), "tie": float(np.sum(s == 0.5)),
-                "flip": float(np.sum((fwd.winner != rev_w) & (fwd.winner != 0) & (rev_w != 0)))}
+                "flip": float(np.sum((fwd.winner != rev_w) & (fwd.winner != 0) & (rev_w != 0))),
+                "eval/judge_failed_pairs": float(np.sum(failed))}
         for k in union_keys(failures):
             sums[f"eval/judge_failures/{k}"] = float(failures.get(k, 0))
         tot = sum_over_processes(sums)

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from arr_jax.checkpoint import atomic_write_text
 from arr_jax.data.prompts import build_prompts, iteration_prompts
 from arr_jax.judge.factory import build_judge
 from arr_jax.policies import build_policy
@@ -40,6 +41,15 @@ class RubricMismatchError(ValueError):
     """A resumed run was started with a different rubric than the one its checkpoints were trained with."""
 
 
+class ResumeMismatchError(ValueError):
+    """A resumed run changed what it trains on (prompts, policy or judge snapshot, objective settings)."""
+
+
+# RPO settings that change neither the objective nor the data (performance and bookkeeping only).
+_NOT_OBJECTIVE = frozenset({"micro_batch", "iterations", "eval_every", "checkpoint_every", "keep_best",
+                            "allow_resume_changes", "nan_policy", "recompute_logp_old", "steps_per_update_auto"})
+
+
 @dataclasses.dataclass
 class RPORun:
     """Everything one training run is made of (`build_run`)."""
@@ -52,6 +62,7 @@ class RPORun:
     train_prompts: list[PromptItem]
     eval_prompts: list[PromptItem]
     workdir: Path
+    resume_changes: list = dataclasses.field(default_factory=list)  # deliberate input changes on resume
 
     @property
     def is_writer(self) -> bool:
@@ -164,7 +175,8 @@ def run_metadata(run: RPORun) -> dict:
     r = run.cfg.rpo
     return {"policy": run.policy.identity, "judge": run.judge.identity,
             "rubric_sha256": run.judge.rubric_sha256, "rubric_path": run.judge.identity.get("rubric_path"),
-            "rpo": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.to_dict().items()}}
+            "rpo": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.to_dict().items()},
+            "prompts_sha256": prompts_sha256(run.train_prompts), "resume_changes": list(run.resume_changes)}
 
 
 def _signature(run: RPORun) -> dict:
@@ -182,6 +194,70 @@ def _check_rubric(ckpt, run: RPORun) -> None:
             f"{ckpt.directory} was trained with rubric sha256 {stored} but this run's rubric "
             f"({run.judge.identity.get('rubric_path') or 'none'}) has sha256 {now}: resume with the same "
             "rubric file, or start a new --config.workdir")
+
+
+def prompts_sha256(items: list[PromptItem]) -> str:
+    """sha256 of the training prompts as the run reads them: texts, categories and source-image bytes, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for it in items:
+        h.update(it.text.encode("utf-8") + b"\0" + (it.category or "").encode() + b"\0")
+        if it.source is not None:
+            src = np.ascontiguousarray(it.source)
+            h.update(str(src.shape).encode() + hashlib.sha256(src.tobytes()).digest())
+    return h.hexdigest()
+
+
+def resume_signature(run: RPORun) -> dict:
+    """What a resumed run must share with its checkpoints, in one place: the training prompts (content
+    hash, count, file), the policy (identity: snapshot, sizes), the judge (identity: kind, model / snapshot,
+    mode, symmetrisation, rubric sha256) and every RPO setting that changes the objective or the data
+    (learning rate, clip, KL, SDE, steps, window, rewards, pairs per batch, seed; not `_NOT_OBJECTIVE`)."""
+    r = run.cfg.rpo
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(r.to_dict().items())
+                if k not in _NOT_OBJECTIVE}
+    return json.loads(json.dumps({
+        "prompts": {"sha256": prompts_sha256(run.train_prompts), "count": len(run.train_prompts),
+                    "file": run.cfg.get("prompts_file", "") or None},
+        "policy": run.policy.identity, "judge": run.judge.identity, "rpo": settings, "seed": run.cfg.get("seed", 0)},
+        default=str))
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _check_resume(stored: dict | None, now: dict, run: RPORun, iteration: int) -> dict | None:
+    """Compare the stored resume signature with this run's. Unchanged: None. Changed without
+    ``rpo.allow_resume_changes``: `ResumeMismatchError` naming each change. Changed with it: a warning
+    and the history entry ``{"iteration", "changes": {key: [stored, now]}}`` that `train` records."""
+    if not stored:  # a checkpoint written before resume signatures existed: nothing to compare
+        return None
+    a, b = _flat(stored), _flat(now)
+    changes = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+               if a.get(k) != b.get(k) and k != "prompts.file"}
+    if changes and (a.get("prompts.file") != b.get("prompts.file")):
+        changes["prompts.file"] = [a.get("prompts.file"), b.get("prompts.file")]
+    if not changes:
+        return None
+    listed = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in list(changes.items())[:12])
+    where = run.workdir / "checkpoints"
+    if not bool(run.cfg.rpo.get("allow_resume_changes", False)):
+        raise ResumeMismatchError(
+            f"{where} was trained (to iteration {iteration}) with other inputs than this run's: {listed}. Resume with "
+            "the same prompts / snapshots / settings, start a new --config.workdir, or pass "
+            "--config.rpo.allow_resume_changes=True to continue with the changes (recorded in run.json's history)")
+    msg = f"resuming {where} at iteration {iteration} with changed inputs (allow_resume_changes): {listed}"
+    log.warning(msg)
+    if run.is_writer:
+        print(f"warning: {msg}", flush=True)
+    return {"iteration": iteration, "changes": changes}
 
 
 def export_lora(run: RPORun, name: str, iteration: int) -> Path | None:
@@ -232,18 +308,27 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
     signature = _signature(run)
     ckpt = Checkpointer((work / "checkpoints").absolute(), max_to_keep=2, model_signature=signature)
     history: list[dict] = []
+    resume_sig = resume_signature(run)
+    changes: list[dict] = []  # deliberate changes of inputs on resume (rpo.allow_resume_changes)
     if ckpt.latest_step() is not None:
         _check_rubric(ckpt, run)
         state, extra = ckpt.restore(trainer.state_dict())
+        changes = list(extra.get("resume_changes", []))
+        change = _check_resume(extra.get("resume_signature"), resume_sig, run, int(ckpt.latest_step()))
+        if change is not None:
+            changes.append(change)
+        run.resume_changes = changes
         trainer.load_state_dict(state)
         history = list(extra.get("history", []))
         if run.is_writer:
             print(f"resumed RPO from iteration {trainer.iteration} ({work / 'checkpoints'})")
+    ckpt_extra = lambda: {"history": history, "resume_signature": resume_sig, "resume_changes": changes}  # noqa: E731
     if run.is_writer:
         meta = {**run_metadata(run), "policy_info": {k: v for k, v in run.policy.info.items()
                                                      if isinstance(v, (str, int, float, type(None)))},
-                "config": cfg.to_dict(), "devices": jax.device_count(), "processes": jax.process_count()}
-        (work / "run.json").write_text(json.dumps(meta, indent=2, default=str))
+                "config": cfg.to_dict(), "devices": jax.device_count(), "processes": jax.process_count(),
+                "resume_signature": resume_sig, "resume_changes": changes}
+        atomic_write_text(work / "run.json", json.dumps(meta, indent=2, default=str))
     if run.is_writer:
         print(f"judge {run.judge.name}: " + (f"rubric {run.judge.identity['rubric_path']} (sha256 "
                                          f"{run.judge.rubric_sha256[:12]})" if run.judge.rubric_sha256
@@ -268,8 +353,14 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         failed = judge_failures(m)
         if failed > max_fail * r.pairs_per_batch:
             raise RuntimeError(f"iteration {it}: the judge failed on {failed:.0f} of {r.pairs_per_batch} pairs "
-                               f"({ {k: v for k, v in m.items() if k.startswith('judge_failures/')} }), above "
-                               f"judge.max_failure_fraction={max_fail}; the last checkpoint is in {work / 'checkpoints'}")
+                               f"(pairs by status: { {k[15:]: v for k, v in m.items() if k.startswith('judge_failures/')} }), "
+                               f"above judge.max_failure_fraction={max_fail} of the pairs; the last checkpoint is in "
+                               f"{work / 'checkpoints'}")
+        if m.get("decisive_rate", 1.0) == 0.0 and run.is_writer:
+            msg = (f"iteration {it}: no decisive pair: all {r.pairs_per_batch} pairs are ties or failures "
+                   f"({failed:.0f} failed), so every reward is zero and this iteration teaches nothing")
+            log.warning(msg)
+            print(f"warning: {msg}", flush=True)
         if run.evaluator is not None and (it % r.eval_every == 0 or it + 1 == r.iterations):
             t0 = time.perf_counter()
             m.update(run.evaluator(trainer, it + 1, writer))
@@ -287,7 +378,7 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         bar.update(1)
         bar.set_postfix(_postfix(m, history))
         if (it + 1) % r.checkpoint_every == 0 or it + 1 == r.iterations:
-            ckpt.save(it + 1, trainer.state_dict(), extra={"history": history}, force=True)
+            ckpt.save(it + 1, trainer.state_dict(), extra=ckpt_extra(), force=True)
             export_lora(run, f"step_{it + 1}", it + 1)
     bar.close()
     ckpt.wait()
@@ -312,12 +403,17 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
 
 
 def judge_failures(m: dict) -> float:
-    """Pairs of metrics ``m`` whose judgement failed for the run's cap (`arr_jax.judge.parsing.RUN_ERRORS`:
-    unreadable inputs, failed or truncated replies, non-finite scores). Ties, prose fallbacks and
-    unparseable answers are outcomes of the judge, scored as ties, not failures of the run."""
-    from arr_jax.judge.parsing import RUN_ERRORS
+    """PAIRS of one iteration's metrics ``m`` whose judgement failed: every pair that yielded no decision
+    and no defined tie (``valid`` False: unreadable inputs, failed, truncated or unparseable replies such
+    as ``no_json`` / ``invalid_json`` / ``missing_field``, non-finite scores). Compared by `train` with
+    ``judge.max_failure_fraction * rpo.pairs_per_batch`` (pairs). Ties and prose fallbacks are outcomes
+    of the judge, not failures. Uses ``judge_failed_pairs`` (the trainer's count of invalid pairs) and
+    falls back on the per-status counts ``judge_failures/<status>`` (pairs) of `parsing.FAILURES`."""
+    from arr_jax.judge.parsing import FAILURES
 
-    return sum(v for k, v in m.items() if k.startswith("judge_failures/") and k.split("/", 1)[1] in RUN_ERRORS)
+    if "judge_failed_pairs" in m:
+        return float(m["judge_failed_pairs"])
+    return float(sum(v for k, v in m.items() if k.startswith("judge_failures/") and k.split("/", 1)[1] in FAILURES))
 
 
 def _postfix(m: dict, history: list[dict]) -> dict:
@@ -344,7 +440,7 @@ def _write_report(run: RPORun, history: list[dict], final_lora: Path | None, sec
               "outputs": {"lora": str(final_lora) if final_lora else None, "checkpoints": str(work / "checkpoints"),
                           "tensorboard": str(work / "tensorboard"), "eval_grids": str(work / "eval"),
                           "figure": str(work / "reward_and_win_rate.png"), "curves": str(work / "curves.png")}}
-    (work / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    atomic_write_text(work / "report.json", json.dumps(report, indent=2, default=float))
 
 
 def summary(run: RPORun, history: list[dict]) -> str:

@@ -395,7 +395,7 @@ class RPOTrainer:
     def _rewards(self, res: PairwiseBatch) -> tuple[np.ndarray, dict]:
         rewards = pair_rewards(res.winner, self.s.win_reward, self.s.lose_penalty)
         sums = {"n": float(len(res.winner)), "reward": float(rewards.sum()), "tie": float(np.sum(res.winner == 0)),
-                "p_first": float(np.sum(res.p_first))}
+                "p_first": float(np.sum(res.p_first)), "judge_failed_pairs": float(np.sum(~res.valid))}
         for name, v in (res.criteria or {}).items():
             sums[f"criteria/{name}"] = float(np.sum(np.mean(v, axis=-1)))
         for name in union_keys((res.failures or {}).keys()):
