@@ -316,7 +316,7 @@ def test_a_cache_written_before_checking_is_asked_again(tmp_path):
     with FakeServer(lambda body, attempt: (200, '{"rank": [2, 1]}', 0.0)) as srv:
         be = _backend(srv, cache_dir=tmp_path)
         req = TextJudge(be).pair_requests(prompts, a, b)[0]
-        key = be.request_hash(be.payload(req))
+        key = be.cache_key(be.payload(req))
         poisoned = {"choices": [{"finish_reason": "length", "message": {"content": None,
                                                                        "reasoning_content": "Image 1 is"}}]}
         be._cache_put(key, "", poisoned)                     # what older versions stored
@@ -343,3 +343,60 @@ def test_one_bad_request_does_not_stop_the_batch():
     assert "request 1 (pairwise, index=1)" in out.reasons[1] and "Invalid image: too large" in out.reasons[1]
     assert out.reasons[3].startswith("request 3 (pairwise, index=3): ") and "5" in out.reasons[3]
     assert srv.hits == 3 and be.stats["rejected"] == 1 and be.stats["bad_image"] == 1
+
+
+# -- issue #19 b05 / b07: cache key parts, Retry-After as an HTTP date ----------------------------
+
+def test_cache_key_includes_the_endpoint_b05(tmp_path):
+    """Two servers exposing the same model name share one cache directory: each is asked (b05)."""
+    prompts, a, b = _pairs(1)
+    with FakeServer(lambda body, attempt: (200, '{"rank": [1, 2]}', 0.0)) as s1, \
+            FakeServer(lambda body, attempt: (200, '{"rank": [2, 1]}', 0.0)) as s2:
+        w1 = TextJudge(_backend(s1, cache_dir=tmp_path)).compare(prompts, a, b).winner.tolist()
+        be2 = _backend(s2, cache_dir=tmp_path)
+        w2 = TextJudge(be2).compare(prompts, a, b).winner.tolist()
+        assert (w1, w2) == ([1], [2]) and s2.hits == 1 and be2.stats["cache_hits"] == 0
+        again = _backend(s2, cache_dir=tmp_path)                   # the same server again: cached
+        assert TextJudge(again).compare(prompts, a, b).winner.tolist() == [2] and again.stats["cache_hits"] == 1
+        # the key's parts, in one place: endpoint (without credentials), kind, the whole body, version
+        body = be2.payload(TextJudge(be2).pair_requests(prompts, a, b)[0])
+        parts = be2.cache_key_parts(body, "choice")
+        assert set(parts) == {"version", "endpoint", "kind", "body"} and parts["endpoint"] == s2.url + "/chat/completions"
+        assert be2.cache_key(body, "choice") != be2.cache_key(body, "generate")
+        entry = json.loads(next(tmp_path.rglob("*.json")).read_text())
+        assert "test-key" not in json.dumps(entry) and entry["kind"] == "generate"
+    from arr_jax.judge.api import public_url
+    assert public_url("https://user:sk-secret@host:8000/v1/?key=sk-x") == "https://host:8000/v1"
+
+
+def test_retry_after_as_an_http_date_b07():
+    """A 429 whose Retry-After is an HTTP date is honoured: the client waits until then (b07)."""
+    from email.utils import formatdate
+
+    from arr_jax.judge.api import retry_after_seconds
+
+    now = 1_800_000_000.0
+    assert retry_after_seconds("7", now) == 7.0
+    assert retry_after_seconds(formatdate(now + 30, usegmt=True), now) == pytest.approx(30.0)
+    assert retry_after_seconds(formatdate(now - 30, usegmt=True), now) == 0.0
+    assert retry_after_seconds("soon", now) is None and retry_after_seconds(None) is None
+    until = time.time() + 0.5
+
+    def limited(body, attempt):
+        return (429, "rate limited", 0.0) if time.time() < until else (200, '{"rank": [2, 1]}', 0.0)
+
+    with FakeServer(limited) as srv:
+        orig = srv.httpd.RequestHandlerClass.send_response
+
+        def send_response(self, code, message=None):            # every 429 names a date, not seconds
+            orig(self, code, message)
+            if code == 429:
+                self.send_header("Retry-After", formatdate(until + 0.9, usegmt=True))
+
+        srv.httpd.RequestHandlerClass.send_response = send_response
+        be = _backend(srv, max_retries=3, backoff=0.01)
+        t0 = time.time()
+        assert TextJudge(be).compare(*_pairs(1)).winner.tolist() == [2]
+        # the date has one-second resolution and lies after `until`: one wait, then the answer
+        assert time.time() - t0 >= 0.4 and srv.hits == 2 and be.stats["retries"] == 1
+        assert be.stats["wait_s"] >= 0.4
