@@ -391,7 +391,7 @@ def test_retry_after_as_an_http_date_b07():
         def send_response(self, code, message=None):            # every 429 names a date, not seconds
             orig(self, code, message)
             if code == 429:
-                self.send_header("Retry-After", formatdate(until + 0.9, usegmt=True))
+                self.send_header("Retry-After", formatdate(until + 1.0, usegmt=True))
 
         srv.httpd.RequestHandlerClass.send_response = send_response
         be = _backend(srv, max_retries=3, backoff=0.01)
