@@ -57,7 +57,9 @@ class FakeServer:
                     if isinstance(text, dict):  # a whole reply: content, finish_reason, reasoning_content, ...
                         reply = dict(text)
                         finish = reply.pop("finish_reason", "stop")
-                        choice = {"index": 0, "finish_reason": finish, "message": {"role": "assistant", **reply}}
+                        lps = reply.pop("logprobs", None)
+                        choice = {"index": 0, "finish_reason": finish, "message": {"role": "assistant", **reply},
+                                  "logprobs": lps}
                     else:
                         choice = {"index": 0, "finish_reason": "stop",
                                   "message": {"role": "assistant", "content": text}}
@@ -75,6 +77,14 @@ class FakeServer:
                     if counted:
                         with server.lock:
                             server.in_flight -= 1
+
+            def do_GET(self):
+                server.headers.append(dict(self.headers))
+                data = json.dumps({"object": "list", "data": [{"id": "judge-test", "object": "model"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -400,3 +410,82 @@ def test_retry_after_as_an_http_date_b07():
         # the date has one-second resolution and lies after `until`: one wait, then the answer
         assert time.time() - t0 >= 0.4 and srv.hits == 2 and be.stats["retries"] == 1
         assert be.stats["wait_s"] >= 0.4
+
+
+# -- one-token log-prob choice scoring ----------------------------------------------------------
+
+def _lp_reply(top: dict, chosen: str | None = None, **msg):
+    """A one-token reply in vLLM's schema whose first token's top log-probs are ``top``."""
+    chosen = chosen if chosen is not None else max(top, key=top.get)
+    entry = lambda t: {"token": t, "logprob": top[t], "bytes": list(t.encode())}  # noqa: E731
+    return dict({"content": chosen, "finish_reason": "length",
+                 "logprobs": {"content": [dict(entry(chosen), top_logprobs=[entry(t) for t in top])]}}, **msg)
+
+
+def test_choice_replies_read_every_spelling_and_fail_by_name(tmp_path):
+    """P(image 1) from the two options' log-probs (spellings " 1", "Ġ2" folded in); neither option,
+    a reasoning block, or a refusal: a counted, named failure with p 0.5, never cached."""
+    import math
+
+    replies = [_lp_reply({"1": math.log(0.6), "2": math.log(0.2), "x": math.log(0.1)}),
+               _lp_reply({"2": math.log(0.5), "\u01201": math.log(0.1), " 1": math.log(0.1), "\u01202": math.log(0.2)}),
+               _lp_reply({"1": math.log(0.9), "a": math.log(0.05), "b": math.log(0.01)}),   # "2" below the top-k
+               _lp_reply({"the": -0.1, "a": -3.0}),
+               _lp_reply({"<think>": -0.01, "1": -6.0}),
+               {"content": None, "refusal": "no", "finish_reason": "stop"}]
+    prompts, a, b = _pairs(len(replies))
+    with FakeServer(lambda body, attempt: (200, replies[_pick(body)], 0.0)) as srv:
+        be = _backend(srv, cache_dir=tmp_path, concurrency=3)
+        out, st = TextJudge(be, choice_scores=True).compare_with_status(prompts, a, b)
+        body = srv.bodies[0]
+        assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+        assert body["temperature"] == 0.0 and body["chat_template_kwargs"] == {"enable_thinking": False}
+        assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+        assert body["messages"][-1] == {"role": "assistant", "content": '{"rank": ['}
+    np.testing.assert_allclose(out.p_first[:3], [0.75, 0.2 / 0.9, 0.9 / 0.91], atol=1e-6)
+    assert st == ["ok", "ok", "ok", "no_choice", "thinking", "refused"] and out.winner.tolist() == [1, 2, 1, 0, 0, 0]
+    assert out.p_first[3:].tolist() == [0.5] * 3 and not out.valid[3:].any()
+    assert "neither option ['1', '2']" in out.reasons[3] and "request 3" in out.reasons[3]
+    assert be.stats["no_choice"] == 1 and be.stats["thinking"] == 1 and be.stats["choice_bounded"] == 1
+    assert len(list(tmp_path.rglob("*.json"))) == 3                       # only the three answers
+
+
+def test_choice_answers_are_cached_apart_from_generated_ones(tmp_path):
+    import math
+
+    top = {"1": math.log(0.3), "2": math.log(0.6)}
+    answer = lambda body, attempt: (200, _lp_reply(top) if body.get("logprobs") else '{"rank": [1, 2]}', 0.0)  # noqa: E731
+    prompts, a, b = _pairs(2)
+    with FakeServer(answer) as srv:
+        p1 = TextJudge(_backend(srv, cache_dir=tmp_path), choice_scores=True).compare(prompts, a, b).p_first
+        g1 = TextJudge(_backend(srv, cache_dir=tmp_path)).compare(prompts, a, b).p_first   # same pairs, generated
+        assert srv.hits == 4 and p1.tolist() == pytest.approx([1 / 3] * 2) and g1.tolist() == [1.0, 1.0]
+        be = _backend(srv, cache_dir=tmp_path)
+        p2 = TextJudge(be, choice_scores=True).compare(prompts, a, b).p_first
+        assert srv.hits == 4 and be.stats["cache_hits"] == 2 and p2.tolist() == p1.tolist()
+
+
+def test_startup_check_says_what_is_wrong_in_one_line(monkeypatch):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                                             # nothing listens there
+    with pytest.raises(APIError, match=f"cannot reach http://127.0.0.1:{port}/v1 .*launch/serve_judge.sh"):
+        OpenAIBackend(model="m", endpoint=f"http://127.0.0.1:{port}/v1", api_key="").check()
+    with FakeServer(lambda body, attempt: (200, _lp_reply({"1": -0.5, "2": -1.0}), 0.0)) as srv:
+        with pytest.raises(ValueError, match="does not serve model 'other'; it serves \\['judge-test'\\]"):
+            OpenAIBackend(model="other", endpoint=srv.url, api_key="").check()
+        be = _backend(srv)
+        assert be.check() == {"endpoint": srv.url, "models": ["judge-test"], "choice_scores": True}
+        assert srv.headers[1]["Authorization"] == "Bearer test-key" and "Authorization" not in srv.headers[0]
+    with FakeServer(lambda body, attempt: (401, "bad key", 0.0)) as srv:
+        srv.httpd.RequestHandlerClass.do_GET = lambda self: (self.send_response(401), self.send_header(
+            "Content-Length", "0"), self.end_headers())
+        with pytest.raises(AuthenticationError, match="HTTP 401: the key in MY_KEY is set but was rejected"):
+            OpenAIBackend(model="m", endpoint=srv.url, api_key="sk-secret", api_key_env="MY_KEY").check()
+    for var in ("ARR_API_BASE", "OPENAI_BASE_URL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(AuthenticationError, match="no endpoint set .*public https://api.openai.com/v1"):
+        OpenAIBackend(model="m").check()
