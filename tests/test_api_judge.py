@@ -23,8 +23,8 @@ class FakeServer:
     answer is the reply's text, or a dict of the message's fields plus ``finish_reason``;
     ``attempt`` counts earlier requests with the same last user text."""
 
-    def __init__(self, behave):
-        self.behave = behave
+    def __init__(self, behave, models=None):
+        self.behave, self.models = behave, models   # models: what GET /models lists (None: no such route)
         self.bodies, self.headers = [], []
         self.attempts: dict[str, int] = {}
         self.in_flight = self.max_in_flight = 0
@@ -80,8 +80,9 @@ class FakeServer:
 
             def do_GET(self):
                 server.headers.append(dict(self.headers))
-                data = json.dumps({"object": "list", "data": [{"id": "judge-test", "object": "model"}]}).encode()
-                self.send_response(200)
+                data = json.dumps({"object": "list", "data": [{"id": m, "object": "model"}
+                                                              for m in server.models or ()]}).encode()
+                self.send_response(200 if server.models else 404)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -474,7 +475,7 @@ def test_startup_check_says_what_is_wrong_in_one_line(monkeypatch):
     s.close()                                                             # nothing listens there
     with pytest.raises(APIError, match=f"cannot reach http://127.0.0.1:{port}/v1 .*launch/serve_judge.sh"):
         OpenAIBackend(model="m", endpoint=f"http://127.0.0.1:{port}/v1", api_key="").check()
-    with FakeServer(lambda body, attempt: (200, _lp_reply({"1": -0.5, "2": -1.0}), 0.0)) as srv:
+    with FakeServer(lambda body, attempt: (200, _lp_reply({"1": -0.5, "2": -1.0}), 0.0), ["judge-test"]) as srv:
         with pytest.raises(ValueError, match="does not serve model 'other'; it serves \\['judge-test'\\]"):
             OpenAIBackend(model="other", endpoint=srv.url, api_key="").check()
         be = _backend(srv)
@@ -489,3 +490,96 @@ def test_startup_check_says_what_is_wrong_in_one_line(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(AuthenticationError, match="no endpoint set .*public https://api.openai.com/v1"):
         OpenAIBackend(model="m").check()
+
+
+# -- against the project's own Flax Qwen3-VL served on loopback -----------------------------------
+
+def decisive(backend, requests, scale: float = 1.0):
+    """Make the options "1" / "2" likely next tokens after the rank prefix, as in a trained judge, so
+    both sit in the server's top-20: add the direction of the random model's favourite token there to
+    both options' lm_head rows (their logit difference, hence P(image 1), stays the model's own)."""
+    import jax.numpy as jnp
+
+    from arr_jax.judge.vlm_backend import RANK_PREFIX
+
+    inputs = backend.processor([r.to_chat() for r in requests], assistant_prefix=RANK_PREFIX, seq_bucket=128)
+    logits, _ = backend.decoder.prefill(inputs, inputs["input_ids"].shape[1] + 1)
+    kernel = backend.decoder.state["lm_head"]["kernel"]
+    k = np.array(kernel[...])
+    v = k[:, np.asarray(jnp.argmax(logits, -1))].mean(axis=1)
+    for i in backend.choice_ids:
+        k[:, i] += scale * v
+    kernel[...] = jnp.asarray(k)
+
+
+@pytest.fixture(scope="module")
+def flax_judge():
+    """(FlaxVLMBackend on the tiny random snapshot of test_vlm_judge, made decisive, pairs, rubric)."""
+    from test_vlm_judge import RUBRIC, judge_snapshot, pair_batch
+
+    from arr_jax.judge.vlm_backend import FlaxVLMBackend
+
+    b = FlaxVLMBackend.from_snapshot(judge_snapshot(), "float32", max_new_tokens=16, batch_size=8, seq_bucket=128)
+    prompts, i1, i2 = pair_batch(5)
+    decisive(b, TextJudge(b).pair_requests(prompts, i1, i2, RUBRIC))
+    return b, (prompts, i1, i2), RUBRIC
+
+
+def test_served_choice_scores_equal_the_flax_judges(flax_judge, tmp_path):
+    """The API judge's P(image 1), read from the top-20 log-probs a vLLM-schema server computes with our
+    Flax Qwen3-VL from the prompt it receives (rendered by the snapshot's chat format, the assistant
+    turn continued), equals the in-process Flax judge's one-prefill choice score within 1e-5, in
+    both orders and symmetrised; requests are prefix-cache friendly."""
+    from arr_jax.judge.api import RANK_PREFIX as API_PREFIX
+    from arr_jax.judge.flax_server import FlaxChatServer
+    from arr_jax.judge.vlm_backend import RANK_PREFIX
+
+    assert API_PREFIX == RANK_PREFIX
+    b, (prompts, i1, i2), rubric = flax_judge
+    local = TextJudge(b, choice_scores=True, symmetrize="mean")
+    with FlaxChatServer(b, "qwen3-vl-judge") as srv:
+        be = OpenAIBackend(model="qwen3-vl-judge", endpoint=srv.url, api_key="", cache_dir=tmp_path, concurrency=8)
+        assert be.check()["choice_scores"] is True
+        served = TextJudge(be, choice_scores=True, symmetrize="mean")
+        f, r, sf, sr = served.compare_orders(prompts, i1, i2, rubric)
+        lf, lr, _, _ = local.compare_orders(prompts, i1, i2, rubric)
+        np.testing.assert_allclose(f.p_first, lf.p_first, atol=1e-5)
+        np.testing.assert_allclose(r.p_first, lr.p_first, atol=1e-5)
+        assert sf == sr == ["ok"] * 5 and np.ptp(f.p_first) > 0.05           # real, varied scores
+        sym = served.compare(prompts, i1, i2, rubric)
+        np.testing.assert_allclose(sym.p_first, local.compare(prompts, i1, i2, rubric).p_first, atol=1e-5)
+        assert max(srv.batches) > 1                                           # concurrent requests batched
+        bodies = [x for x in srv.bodies if any(isinstance(m["content"], list) and len(m["content"]) > 2
+                                               for m in x["messages"])]
+        assert len(bodies) == 10 and all(x["max_tokens"] == 1 and x["logprobs"] for x in bodies)
+        # prefix-cache friendly: the system prompt (rubric, instructions) is byte-identical and first
+        assert len({json.dumps(x["messages"][0]) for x in bodies}) == 1 and rubric.strip() in bodies[0]["messages"][0]["content"]
+        hits = len(srv.bodies)
+        again = OpenAIBackend(model="qwen3-vl-judge", endpoint=srv.url, api_key="", cache_dir=tmp_path)
+        np.testing.assert_array_equal(TextJudge(again, choice_scores=True).compare(prompts, i1, i2, rubric).p_first,
+                                      f.p_first)
+        assert len(srv.bodies) == hits and again.stats["cache_hits"] == 5
+
+
+def test_a_server_without_logprobs_falls_back_to_parsing_once(flax_judge, caplog):
+    """Log-prob fields removed from every reply: detected at start-up (or on the first reply), said once,
+    and every pair is judged by generating and parsing (counted), no error storm."""
+    import logging
+
+    from arr_jax.judge.flax_server import FlaxChatServer
+
+    b, (prompts, i1, i2), rubric = flax_judge
+    with FlaxChatServer(b, "judge", logprobs=False, max_new_tokens=8) as srv, caplog.at_level(logging.WARNING, "arr_jax.judge.api"):
+        for probe in (True, False):
+            be = OpenAIBackend(model="judge", endpoint=srv.url, api_key="", concurrency=4)
+            if probe:
+                assert be.check()["choice_scores"] is False
+            out, st = TextJudge(be, choice_scores=True).compare_with_status(prompts, i1, i2, rubric)
+            assert be.choice_supported is False and be.stats["choice_fallback"] == 5
+            # the tiny random judge's generated verdicts are junk: parse failures, counted by name
+            assert len(st) == 5 and all(s in ("ok", "tie") or out.failures.get(s) for s in st)
+            said = [r for r in caplog.records if "choice scoring is off" in r.getMessage()]
+            assert len(said) == 1
+            caplog.clear()
+        generated = [x for x in srv.bodies if not x.get("logprobs")]
+        assert len(generated) == 10 and all(x["max_tokens"] > 1 for x in generated)

@@ -149,6 +149,9 @@ def _requests(server):
     """(system text, user texts, images) of every pairwise request the server saw."""
     out = []
     for body in server.bodies:
+        if not any(c.get("type") == "image_url" for m in body["messages"] if isinstance(m["content"], list)
+                   for c in m["content"]):
+            continue   # the judge's start-up probe (log-prob support), text only
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
         user = next(m["content"] for m in body["messages"] if m["role"] == "user")
         texts = [c["text"] for c in user if c["type"] == "text"]

@@ -15,8 +15,8 @@ the API judge sends (`arr_jax.judge.api.OpenAIBackend`):
     ``top_logprobs`` most likely tokens (``choices[0].logprobs.content[0]``: ``token``,
     ``logprob``, ``bytes``, ``top_logprobs``), from the full-vocabulary log-softmax in float32.
 
-Concurrent requests are batched (up to ``max_batch`` rows, left-padded to ``seq_bucket`` tokens,
-the row count to a power of two) as a serving engine batches them, so the client's concurrency
+Concurrent requests are batched (up to ``max_batch`` rows, always padded to ``max_batch`` rows and
+left-padded to ``seq_bucket`` tokens; replies are capped at ``max_new_tokens``) as a serving engine batches them, so the client's concurrency
 has the effect it has against vLLM. It exists to test and benchmark the API judge on loopback
 without a GPU server (``logprobs=False`` plays a server that returns no log-probs); it is not a
 production server (use ``launch/serve_judge.sh``).
@@ -57,9 +57,11 @@ class FlaxChatServer:
     ``bodies`` keeps every request body received (tests read them). Use as a context manager."""
 
     def __init__(self, backend, model_name: str = "judge", *, api_key: str | None = None, logprobs: bool = True,
-                 max_batch: int = 8, seq_bucket: int = 128, host: str = "127.0.0.1", port: int = 0):
+                 max_batch: int = 8, seq_bucket: int = 128, max_new_tokens: int = 64, host: str = "127.0.0.1",
+                 port: int = 0):
         self.backend, self.model_name, self.api_key = backend, model_name, api_key
         self.logprobs, self.max_batch, self.seq_bucket = logprobs, max_batch, seq_bucket
+        self.max_new_tokens = max_new_tokens
         self.bodies: list[dict] = []
         self.batches: list[int] = []           # rows of every model call
         self._jobs: queue.Queue = queue.Queue()
@@ -161,7 +163,7 @@ class FlaxChatServer:
         text, images = self.render(body["messages"], body.get("add_generation_prompt", True),
                                    body.get("continue_final_message", False), body.get("chat_template_kwargs"))
         ids, pv, grid = self.backend.processor.encode(text, images)
-        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        n = min(int(body.get("max_tokens") or body.get("max_completion_tokens") or 16), self.max_new_tokens)
         top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else -1
         return {"ids": ids, "pv": pv, "grid": grid, "max_tokens": n, "top": top}
 
@@ -200,7 +202,7 @@ class FlaxChatServer:
 
         b = self.backend
         pr = b.processor
-        rows = 1 << max(len(jobs) - 1, 0).bit_length()
+        rows = self.max_batch   # one compiled shape per length bucket
         pad = jobs + [jobs[-1]] * (rows - len(jobs))
         length = _round_up(max(len(j["ids"]) for j in pad), self.seq_bucket)
         ids, mask = left_pad([j["ids"] for j in pad], pr.pad_id, length)
