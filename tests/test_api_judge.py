@@ -583,3 +583,31 @@ def test_a_server_without_logprobs_falls_back_to_parsing_once(flax_judge, caplog
             caplog.clear()
         generated = [x for x in srv.bodies if not x.get("logprobs")]
         assert len(generated) == 10 and all(x["max_tokens"] > 1 for x in generated)
+
+
+def test_serving_script_is_valid_bash_and_its_flags_are_judge_keys():
+    """launch/serve_judge.sh: syntax checked (it needs a GPU / TPU to run); the flags it prints for
+    arr_jax.train name existing judge config keys with values of their types."""
+    import subprocess
+    from pathlib import Path
+
+    from arr_jax.judge.factory import judge_config
+
+    root = Path(__file__).resolve().parents[1]
+    for script in sorted((root / "launch").glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    out = subprocess.run(["bash", str(root / "launch" / "serve_judge.sh"), "flags"], check=True, text=True,
+                         capture_output=True, env={"PATH": "/usr/bin:/bin", "ARR_JUDGE_KEY": "k"}).stdout.split()
+    c = judge_config()
+    for flag in out:
+        key, value = flag.removeprefix("--config.judge.").split("=", 1)
+        node = c
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        leaf = key.split(".")[-1]
+        assert leaf in node, flag
+        node[leaf] = type(node[leaf])(value == "True" if isinstance(node[leaf], bool) else value)
+    assert (c.kind, c.api.endpoint, c.api.api_key_env, c.choice_scores) == (
+        "api", "http://localhost:8000/v1", "ARR_JUDGE_KEY", True)
+    bad = subprocess.run(["bash", str(root / "launch" / "serve_judge.sh")], text=True, capture_output=True)
+    assert bad.returncode == 2 and "usage:" in bad.stderr
