@@ -611,3 +611,139 @@ def test_serving_script_is_valid_bash_and_its_flags_are_judge_keys():
         "api", "http://localhost:8000/v1", "ARR_JUDGE_KEY", True)
     bad = subprocess.run(["bash", str(root / "launch" / "serve_judge.sh")], text=True, capture_output=True)
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+# -- induction, evaluation and prompt-specific rubrics over the API --------------------------------
+
+def _user(body) -> list:
+    return next(m["content"] for m in body["messages"] if m["role"] == "user")
+
+
+def _urls(body) -> list[str]:
+    return [c["image_url"]["url"] for c in _user(body) if isinstance(c, dict) and c.get("type") == "image_url"]
+
+
+def _prompt_of(body) -> str:
+    return re.search(r"(?:Prompt|Editing instruction): (.*)\n", "".join(
+        c.get("text", "") for c in _user(body) if isinstance(c, dict))).group(1)
+
+
+def test_prompt_specific_rubrics_over_the_api(tmp_path):
+    """judge.kind=api with judge.prompt_rubrics=generate: each prompt is decomposed once by a generated
+    (not choice) request, cached on disk under the endpoint's identity, and its criteria reach that
+    prompt's one-token choice requests after the rubric file's text."""
+    from arr_jax.arr.rubric_file import RubricFile
+    from arr_jax.judge.factory import build_judge, judge_config
+
+    RubricFile.from_text("Theme 1: Look\n- Colours match the prompt.\n").save(tmp_path / "r" / "rubric")
+
+    def answer(body, attempt):
+        if body.get("logprobs"):
+            return 200, _lp_reply({"1": -0.2, "2": -1.8}), 0.0
+        return 200, json.dumps({"rubrics": [f"{_prompt_of(body)} is shown", "nothing else"], "reason": "r"}), 0.0
+
+    def judge():
+        c = judge_config(kind="api", model="judge-test", rubric=str(tmp_path / "r" / "rubric.txt"),
+                         prompt_rubrics="generate", prompt_rubrics_k=2)
+        c.api.endpoint, c.api.cache_dir, c.api.backoff = srv.url, str(tmp_path / "api"), 0.01
+        return build_judge(c, workdir=tmp_path / "run")
+
+    prompts, a, b = _pairs(3)
+    prompts[2] = prompts[0]
+    with FakeServer(answer, ["judge-test"]) as srv:
+        j = judge()
+        out = j.compare(prompts, a, b)
+        decompose = [x for x in srv.bodies[1:] if not x.get("logprobs")]
+        choice = [x for x in srv.bodies[1:] if x.get("logprobs")]
+        assert len(decompose) == 2 and len(choice) == 3                    # "prompt 0" decomposed once
+        assert all(x["max_tokens"] > 1 and not _urls(x) for x in decompose)
+        assert all(x["max_tokens"] == 1 and len(_urls(x)) == 2 for x in choice)
+        for x in choice:
+            system = x["messages"][0]["content"]
+            assert system.index("Colours match the prompt.") < system.index("Criteria specific to this prompt:")
+            assert f"- {_prompt_of(x)} is shown\n- nothing else" in system
+        np.testing.assert_allclose(out.p_first, 1 / (1 + np.exp(-1.6)), atol=1e-6)
+        assert j.identity["endpoint"] == srv.url + "/chat/completions" and j.prompt_rubrics.stats["decompositions"] == 2
+        hits = srv.hits
+        again = judge()                                  # a rerun: criteria from disk, choices from the cache
+        again.compare(prompts, a, b)
+        assert again.prompt_rubrics.stats["decompositions"] == 0 and srv.hits == hits   # and no second probe (once per process)
+
+
+def _world_config(name, variant, tmp_path, srv):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", Path(__file__).resolve().parents[1] / "configs"
+                                                  / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(variant)
+    c.data.kind, c.data.n_pairs, c.data.split, c.data.label_noise = "world", 4, "heldout", 0.0
+    c.backend.openai.model, c.backend.openai.endpoint = "judge-test", srv.url
+    c.backend.openai.cache_dir, c.backend.openai.backoff = str(tmp_path / "api"), 0.01
+    c.workdir, c.progress = str(tmp_path / name), False
+    return c
+
+
+def test_evaluate_api_reads_choice_scores(tmp_path):
+    """``arr_jax.evaluate`` with configs/evaluate_world.py:api and judge.choice_scores=True: every pair is
+    judged in both orders by one-token log-prob requests (with the rubric in the "rubric" condition, none in
+    "direct"); a judge that always prefers the first image scores 100% forward and 0% swapped."""
+    from arr_jax import evaluate
+    from arr_jax.arr.rubric_file import RubricFile
+
+    RubricFile.from_text("Theme 1: Look\n- Colours match the prompt.\n").save(tmp_path / "r" / "rubric")
+    with FakeServer(lambda body, attempt: (200, _lp_reply({"1": -0.1, "2": -2.4}), 0.0), ["judge-test"]) as srv:
+        c = _world_config("evaluate_world", "api", tmp_path, srv)
+        c.judge.choice_scores, c.rubric = True, str(tmp_path / "r" / "rubric.txt")
+        report = evaluate.run(c)
+    assert "p_first" in report["judge"]
+    for cond in ("direct", "rubric"):
+        m = report["conditions"][cond]["overall"]
+        assert (m["acc_fwd"], m["acc_rev"], m["parse_fail_fwd"], m["parse_fail_rev"]) == (1.0, 0.0, 0.0, 0.0)
+    bodies = srv.bodies[1:]                              # after the start-up probe
+    assert len(bodies) == 2 * 2 * 4 and all(x["max_tokens"] == 1 and x["logprobs"] for x in bodies)
+    with_rubric = [x for x in bodies if "Colours match the prompt." in x["messages"][0]["content"]]
+    assert len(with_rubric) == 8
+
+
+def test_induce_api_verifies_from_choice_scores(tmp_path):
+    """``arr_jax.induce`` with configs/induce_world.py:api and induction.choice_scores=True: rubrics are
+    generated and refined as text, verification is one-token log-prob requests in both orders. A judge that
+    follows the first rubrics with a position bias fails the swapped order; told so (which image it chose,
+    with what probability), the refined rubrics make it pick the labelled image, and the pair is kept."""
+    from arr_jax.arr.induction import induce_from_config
+
+    preferred: set[str] = set()
+    refine_texts = []
+
+    def answer(body, attempt):
+        system = body["messages"][0]["content"]
+        if body.get("logprobs"):
+            if "refined criterion" in system:            # follows the refined rubrics: picks the preferred image
+                first = _urls(body)[0] in preferred
+                return 200, _lp_reply({"1": -0.1, "2": -2.4} if first else {"1": -2.4, "2": -0.1}), 0.0
+            return 200, _lp_reply({"1": -0.3, "2": -1.4}), 0.0   # position bias: always image 1
+        if '"themes"' in system:
+            return 200, json.dumps({"themes": [{"name": "Looks", "tips": ["refined criterion A"]}]}), 0.0
+        urls = _urls(body)
+        preferred.add(urls[0])                           # the world pairs put the preferred image first
+        if "previous" in system.lower() or "refine" in system.lower():
+            refine_texts.append("".join(c.get("text", "") for c in _user(body)) + system)
+            return 200, json.dumps({"rubrics": ["refined criterion A", "refined criterion B"], "reason": "r"}), 0.0
+        return 200, json.dumps({"rubrics": ["first criterion A", "first criterion B"], "reason": "r"}), 0.0
+
+    with FakeServer(answer, ["judge-test"]) as srv:
+        c = _world_config("induce_world", "api", tmp_path, srv)
+        c.data.split, c.induction.k, c.induction.choice_scores = "train", 2, True
+        rf = induce_from_config(c)
+    prov = rf.provenance["pairs"]
+    assert (prov["first_pass"], prov["refined"], prov["discarded"], prov["failed"]) == (0, 4, 0, 0)
+    verify = [x for x in srv.bodies[1:] if x.get("logprobs")]
+    assert len(verify) == 2 * 2 * 4 and all(x["max_tokens"] == 1 and len(_urls(x)) == 2 for x in verify)
+    assert all(not x.get("logprobs") and x["max_tokens"] > 1 for x in srv.bodies[1:] if x not in verify)
+    assert len(refine_texts) == 4
+    assert all("chose the image shown here as Image 2 (probability 0.75; scored from its first answer token"
+               in t for t in refine_texts), refine_texts[0]
+    assert rf.provenance["statuses"]["verify:ok"] == 16 and "refined criterion A" in rf.text
