@@ -257,14 +257,15 @@ class Inducer:
             verdicts = []
             for text in generate_isolated(self.backend, [req for _, _, req in jobs]):
                 a = parsing.parse_pairwise(text)
-                verdicts.append((text, a.status, a.winner if a.usable else 0, a.reason, None))
-        for (st, sw, _), (text, status, winner, reason, p) in zip(jobs, verdicts):
+                verdicts.append((text, a.status, a.winner if a.usable else 0, a.reason, None,
+                                 text if not a.usable else ""))
+        for (st, sw, _), (text, status, winner, reason, p, shown) in zip(jobs, verdicts):
             st.check(text)
             st.calls["verify"] += 1
             st.statuses[f"verify:{status}"] += 1
             pick = (3 - winner if sw else winner) if winner else 0  # dataset numbering
             per[st.pair.id].append({"swapped": sw, "status": status, "pick": pick, "reason": reason, "p_first": p,
-                                    "text": text if not pick and p is None else ""})
+                                    "text": shown})
         passed, answers = [], {}
         for st in states:
             v = per[st.pair.id]
@@ -276,19 +277,20 @@ class Inducer:
         return passed, answers
 
     def _choices(self, requests) -> list[tuple]:
-        """``(text, status, winner 0/1/2, reason, P(image 1) or None)`` per verification request from
-        one-token choice scores; a failed score is a `FailedReply` text with its status."""
+        """``(text, status, winner 0/1/2, reason, P(image 1) or None, text shown to a refinement)`` per
+        verification request from one-token choice scores; a failed score is a `FailedReply` text
+        with its status."""
         from arr_jax.judge.text_judge import p_first_isolated
 
         p, status, notes = p_first_isolated(self.backend, requests)
         out = []
         for q, st, note in zip(p, status, notes):
             if st is not None:
-                out.append((parsing.FailedReply("", st, note), st, 0, note, None))
+                out.append((parsing.FailedReply("", st, note), st, 0, note, None, note))
                 continue
             winner = 1 if q > 0.5 else 2 if q < 0.5 else 0
             out.append(("", parsing.OK if winner else parsing.TIE, winner, f"P(Image 1 ranks first) = {q:.3f}",
-                        float(q)))
+                        float(q), ""))
         return out
 
     @staticmethod
