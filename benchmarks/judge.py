@@ -23,6 +23,14 @@ only; ``--peak_tflops`` overrides). The ``qwen3-vl-8b`` preset builds both model
 Qwen3-VL-8B-Instruct config with random weights on the device (no files written: 16 GB would not
 fit a GPU lease); ``tiny`` and ``small`` save a transformers snapshot that both sides load.
 JSON: ``runs/benchmarks/judge_<preset>.json``.
+
+API rows (``--api``; `api_main`): the served judge (`arr_jax.judge.api.OpenAIBackend`) against the
+loopback vLLM-schema server over our Flax Qwen3-VL (`arr_jax.judge.flax_server.FlaxChatServer`,
+which batches concurrent requests): decisions/s in choice mode (one token, log-probs) against
+generate-and-parse (``--verdict_tokens`` tokens), each at client concurrency 1 and ``--concurrency``.
+``--model_dir`` a real snapshot (with tokenizer.json), else the test suite's tiny random judge.
+
+    python benchmarks/judge.py --api --pairs 16 --concurrency 8
 """
 from __future__ import annotations
 
@@ -232,7 +240,58 @@ class Torch:
         return {"torch": self.torch.__version__, "threads": self.torch.get_num_threads(), "device": self.device}
 
 
+def api_main(argv=None) -> dict:
+    """The API rows (module docstring): {"rows": {"<mode> c<concurrency>": decisions/s}, ...}."""
+    import time
+
+    ap = argparse.ArgumentParser(description="API judge rows of benchmarks/judge.py")
+    ap.add_argument("--api", action="store_true")
+    ap.add_argument("--model_dir", default=None)
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--verdict_tokens", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_vlm_judge import RUBRIC, judge_snapshot, pair_batch
+
+    from arr_jax.judge.api import OpenAIBackend
+    from arr_jax.judge.flax_server import FlaxChatServer
+    from arr_jax.judge.text_judge import TextJudge
+    from arr_jax.judge.vlm_backend import FlaxVLMBackend
+
+    b = FlaxVLMBackend.from_snapshot(args.model_dir or judge_snapshot(), "float32", max_new_tokens=16, batch_size=8,
+                                     seq_bucket=128)
+    prompts, i1, i2 = pair_batch(args.pairs)
+    result = report.header("judge_api")
+    rows = {}
+    with FlaxChatServer(b, "judge", max_batch=max(args.concurrency, 1), max_new_tokens=args.verdict_tokens) as srv:
+        for mode in ("choice", "generate"):
+            for conc in (1, args.concurrency):
+                def run():
+                    be = OpenAIBackend(model="judge", endpoint=srv.url, api_key="", concurrency=conc,
+                                       max_tokens=args.verdict_tokens)
+                    judge = TextJudge(be, choice_scores=mode == "choice")
+                    t0 = time.perf_counter()
+                    judge.compare(prompts, i1, i2, RUBRIC)
+                    return time.perf_counter() - t0
+                run()                                   # compile the server's shapes
+                took = min(run() for _ in range(2))
+                rows[f"{mode} c{conc}"] = args.pairs / took
+                print(f"API judge {mode:8s} concurrency {conc:2d}: {args.pairs / took:8.1f} decisions/s", flush=True)
+    result.update(rows=rows, pairs=args.pairs, verdict_tokens=args.verdict_tokens, unit="decisions/s",
+                  server="FlaxChatServer (loopback, batched)", model_dir=args.model_dir or "tiny random")
+    out = Path(args.out or "runs/benchmarks/judge_api.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import json
+
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
 def main(argv=None) -> dict:
+    if "--api" in (sys.argv[1:] if argv is None else argv):
+        return api_main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_dir", default=None, help="a real snapshot (overrides the preset's weights)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))

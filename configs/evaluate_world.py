@@ -4,7 +4,8 @@
     python -m arr_jax.evaluate --config configs/evaluate_world.py
 
 Variants: "" (500 held-out pairs), "tiny" (100), "api" (an OpenAI-compatible judge on a local
-JSONL test set; set backend.openai.model, data.path and rubric), "qwen3_vl" (the Flax Qwen3-VL
+JSONL test set; set backend.openai.model, backend.openai.endpoint, data.path and rubric;
+judge.choice_scores=True reads P(image 1) from one-token log-probs), "qwen3_vl" (the Flax Qwen3-VL
 judge; set backend.qwen3_vl.model_dir; judge.choice_scores=True reads P(image 1) from the rank
 token's logits instead of decoding an answer).
 """
@@ -33,7 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = data_config(split="heldout", n_pairs=500, seed=1)
     c.backend = backend_config()   # kind "world_programmatic" = WorldJudge itself (reference)
     c.judge = ml_collections.ConfigDict(dict(mode="pairwise", task_description="", templates_dir="",
-                                             choice_scores=False))  # backend p_first (qwen3_vl) instead of text
+                                             choice_scores=False))  # P(image 1) from one prefill (qwen3_vl) or
+                                                                    # one-token log-probs (api) instead of text
     c.rubric = "runs/arr_world/rubric.txt"
     c.conditions = ("direct", "rubric")
     c.batch_size = 64

@@ -3,7 +3,8 @@
     python -m arr_jax.induce --config configs/induce_world.py
 
 Variants: "" (default), "tiny" (the test size: 50 pairs), "api" (an OpenAI-compatible model
-over local JSONL pairs; set backend.openai.model and data.path), "qwen3_vl" (the Flax Qwen3-VL
+over local JSONL pairs; set backend.openai.model, backend.openai.endpoint and data.path;
+induction.choice_scores=True verifies from one-token log-probs), "qwen3_vl" (the Flax Qwen3-VL
 judge on a local snapshot; set backend.qwen3_vl.model_dir).
 
 Departures from the paper's defaults (SPEC §1), for the world only: K = 2 rubrics per pair
@@ -32,7 +33,10 @@ def backend_config() -> ml_collections.ConfigDict:
         world=dict(default_criteria=("colour", "shape"), tie_break="first"),
         openai=dict(model="", endpoint="", api_key_env="OPENAI_API_KEY", timeout=120.0, max_retries=5,
                     backoff=1.0, concurrency=8, cache_dir="runs/api_cache", temperature=0.0, max_tokens=0,
-                    token_param="max_tokens", image_format="png", max_image_side=0),  # 0 = as is
+                    token_param="max_tokens", image_format="png", max_image_side=0,  # 0 = as is
+                    # choice scoring (induction.choice_scores / judge.choice_scores): one-token log-prob
+                    # requests, without thinking; check: endpoint, key, model and log-probs at start-up
+                    top_logprobs=20, chat_template_kwargs=dict(enable_thinking=False), check=True),
         # the Flax judge (arr_jax.judge.vlm_backend): a local HF snapshot, e.g. Qwen3-VL-8B-Instruct
         qwen3_vl=dict(model_dir="", dtype="bfloat16", max_new_tokens=1024, temperature=0.0, top_p=1.0, seed=0,
                       batch_size=8, seq_bucket=256, patch_bucket=256, image_bucket=2,
@@ -57,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_failure_fraction=0.1,  # pairs that fail (unreadable, rejected, no answer) before the run stops
         guide="",              # few-shot exemplars JSONL ("with guide" mode); "" = zero-shot
         templates_dir="",      # a folder of prompt templates overriding arr_jax/judge/prompts
+        choice_scores=False,   # verify from one-token choice scores (openai / qwen3_vl): faster, no reason
     ))
     if arg == "tiny":
         c.workdir = "runs/arr_world_tiny"

@@ -151,6 +151,9 @@ def _requests(server):
     """(system text, user texts, images) of every pairwise request the server saw."""
     out = []
     for body in server.bodies:
+        if not any(c.get("type") == "image_url" for m in body["messages"] if isinstance(m["content"], list)
+                   for c in m["content"]):
+            continue   # the judge's start-up probe (log-prob support), text only
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
         user = next(m["content"] for m in body["messages"] if m["role"] == "user")
         texts = [c["text"] for c in user if c["type"] == "text"]
@@ -159,55 +162,140 @@ def _requests(server):
     return out
 
 
-@pytest.mark.slow
-def test_api_judge_gets_the_rubric_and_both_images(files, tmp_path):
-    from test_api_judge import FakeServer
-
-    rank = lambda body, attempt: (200, '{"rank": [1, 2], "reason": "r"}', 0.0)  # noqa: E731
-    with FakeServer(rank) as server:
-        _ok(_run("arr_jax.train", _flux_args(files, tmp_path / "run", "flux_dev_t2i.py",
-                                             *_api_judge(files, server, tmp_path)), cwd=tmp_path))
-    reqs = _requests(server)
-    # 2 iterations x 4 pairs (training) + 2 evaluations x 2 held-out prompts x 2 orders
-    assert len(reqs) == 2 * 4 + 2 * 2 * 2
-    for system, texts, images, _ in reqs:
-        assert "Colours match the prompt." in system
-        assert len(images) == 2
-
-
-@pytest.mark.slow
-def test_kontext_edits_carry_the_source_as_image_base(files, tmp_path):
-    """Kontext from a JSONL of (prompt, source): 2 iterations, first-step ratio exactly 1, and every
-    judge request shows three images with the source first, named Image BASE."""
+def _decode_url(url: str) -> np.ndarray:
     import base64
     import io
 
     from PIL import Image
 
-    from test_api_judge import FakeServer
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
+        return np.asarray(im.convert("RGB"))
 
-    rank = lambda body, attempt: (200, '{"rank": [2, 1], "reason": "r"}', 0.0)  # noqa: E731
+
+def _served_p(first: np.ndarray, second: np.ndarray) -> float:
+    """The loopback judge's P(image 1): it prefers the brighter of the two images it is shown last, and
+    leans to the first (a position bias, so that P(image 1) read as P(image 2) would show)."""
+    return float(1.0 / (1.0 + np.exp(-1.0 - (first.astype(np.float64).mean() - second.astype(np.float64).mean()) / 2)))
+
+
+def _choice_server():
+    """A loopback server in vLLM's schema (``GET /v1/models`` lists "fake-judge"): a request with
+    ``logprobs`` gets a one-token reply whose top log-probs put P("1") = `_served_p` of its last two
+    images (the start-up probe, text only, gets a decisive "1"); any other request a text verdict."""
+    from test_api_judge import FakeServer, _lp_reply
+
+    def answer(body, attempt):
+        user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        images = [_decode_url(c["image_url"]["url"]) for c in user if c["type"] == "image_url"]
+        if not body.get("logprobs"):
+            return 200, '{"rank": [1, 2], "reason": "r"}', 0.0
+        p = _served_p(images[-2], images[-1]) if len(images) >= 2 else 0.9
+        return 200, _lp_reply({"1": float(np.log(p)), "2": float(np.log1p(-p)), "the": -9.0}), 0.0
+
+    return FakeServer(answer, models=["fake-judge"])
+
+
+def _choice_requests(server, n_images):
+    """The judge's requests, checked: one text-only start-up probe first, then every request is a
+    one-token log-prob choice request (no thinking) carrying the rubric in a system prompt that is
+    the same for all, and ``n_images`` images, each after the text that names it (Image BASE,
+    Image 1, Image 2). Returns (user text, decoded images) per request, in arrival order."""
+    first, *bodies = server.bodies
+    assert not any(c["type"] == "image_url" for c in first["messages"][-2]["content"])   # the probe
+    out, systems = [], set()
+    names = ["Image BASE", "Image 1", "Image 2"][3 - n_images:]
+    for body in bodies:
+        assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+        assert body["temperature"] == 0.0 and body["chat_template_kwargs"] == {"enable_thinking": False}
+        assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant"]
+        assert body["messages"][-1] == {"role": "assistant", "content": '{"rank": ['}
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        assert "Colours match the prompt." in system
+        systems.add(system)
+        at = [k for k, c in enumerate(user) if c["type"] == "image_url"]
+        assert len(at) == n_images
+        for name, k, prev in zip(names, at, [-1] + at):
+            assert name in "".join(c["text"] for c in user[prev + 1:k]), (name, user)
+        out.append(("".join(c.get("text", "") for c in user), [_decode_url(user[k]["image_url"]["url"]) for k in at]))
+    assert len(systems) == 1                     # prefix-cache friendly: one system prompt for every pair
+    return out
+
+
+def _which(text: str, prompts, label: str) -> int:
+    """The index of the prompt a request's user text shows after ``label``."""
+    (k,) = [k for k, p in enumerate(prompts) if f"{label} {p}\n" in text]
+    return k
+
+
+@pytest.mark.slow
+def test_api_judge_scores_choices_from_logprobs_with_the_rubric_and_both_images(files, tmp_path):
+    """The issue's train check: ``judge.kind=api`` (choice scores by default) against a vLLM-schema
+    server on loopback trains 2 iterations; every judge request is a one-token log-prob request with
+    the rubric and the pair's two images; the held-out evaluation sends each pair in both orders
+    with the images swapped; and the P(image 1) the run trained on is the server's, image 1 first."""
+    w = tmp_path / "run"
+    with _choice_server() as server:
+        _ok(_run("arr_jax.train", _flux_args(files, w, "flux_dev_t2i.py", *_api_judge(files, server, tmp_path)),
+                 cwd=tmp_path))
+    reqs = _choice_requests(server, 2)
+    # 2 iterations x 4 pairs (training) + 2 evaluations x 2 held-out prompts x 2 orders
+    assert len(reqs) == 2 * 4 + 2 * 2 * 2
+    named = [((PROMPTS + HELDOUT)[_which(t, PROMPTS + HELDOUT, "Prompt:")], ims) for t, ims in reqs]
+    train = [(t, ims) for t, ims in named if t in PROMPTS]
+    held = [(t, ims) for t, ims in named if t in HELDOUT]
+    assert len(train) == 8 and len(held) == 8
+    for t, (a, b) in train + held:
+        assert a.shape == b.shape == (32, 32, 3) and np.abs(a.astype(int) - b).max() > 0   # two different samples
+    for t, (a, b) in held:   # the other order of the same pair: the same two images, swapped
+        assert sum(1 for u, (c, d) in held if u == t and np.array_equal(c, b) and np.array_equal(d, a)) == 1
+    # the run's p_first_mean of iteration 2 is the server's P(image 1) of its 4 training pairs as sent
+    expected = np.mean([_served_p(a, b) for _, (a, b) in train[4:]])
+    report = json.loads((w / "report.json").read_text())
+    assert report["last_metrics"]["p_first_mean"] == pytest.approx(expected, abs=1e-6)
+    assert abs(expected - 0.5) > 0.1    # 1 - expected (the options read the other way round) would fail
+    assert json.loads((w / "run.json").read_text())["judge"]["choice_scores"] is True
+
+
+@pytest.mark.slow
+def test_kontext_edits_carry_the_source_as_image_base(files, tmp_path):
+    """Kontext from a JSONL of (prompt, source): 2 iterations with choice scores from log-probs,
+    first-step ratio exactly 1, and every judge request is a one-token log-prob request that shows
+    three images, the first (named Image BASE) the prompt's own source at the training resolution,
+    then the two edits, whose P(image 1) the run trained on."""
+    from PIL import Image
+
+    from arr_jax.data.prompts import read_prompt_file
+
     e = files["dir"] / "edits"
     w = tmp_path / "run"
     args = [f"--config={ROOT / 'configs' / 'flux_kontext.py'}:tiny", f"--config.model_dir={files['kontext']}",
             f"--config.prompts_file={e / 'train.jsonl'}", f"--config.eval.prompts_file={e / 'heldout.jsonl'}",
             f"--config.judge.rubric={files['rubric']}", f"--config.workdir={w}", "--config.rpo.iterations=2",
             "--config.rpo.eval_every=2"]
-    with FakeServer(rank) as server:
+    with _choice_server() as server:
         _ok(_run("arr_jax.train", args + _api_judge(files, server, tmp_path), cwd=tmp_path))
     report = json.loads((w / "report.json").read_text())
     assert report["last_metrics"]["ratio_max_dev_first_step"] == 0.0
     assert (w / "lora" / "final.safetensors").exists()
-    sources = {}
-    for i in range(len(PROMPTS)):
-        with Image.open(e / "images" / f"s{i}.png") as im:
-            sources[i] = np.asarray(im)
-    for system, texts, images, user in _requests(server):
-        assert len(images) == 3 and "Colours match the prompt." in system
-        first_image = next(k for k, c in enumerate(user) if c["type"] == "image_url")
-        assert "Image BASE" in " ".join(c.get("text", "") for c in user[:first_image])
-        base = np.asarray(Image.open(io.BytesIO(base64.b64decode(images[0].split(",", 1)[1]))))
-        assert base.shape == (32, 32, 3)  # sources are brought to the training resolution
+    items = read_prompt_file(e / "train.jsonl", source_size=(32, 32), require_sources=True)
+    raw = [np.asarray(Image.open(e / "images" / f"s{i}.png")) for i in range(len(PROMPTS))]
+    reqs = _choice_requests(server, 3)
+    # in turn: iteration 1 (4 pairs), its evaluation (eval_every=2: iteration 0 and the last; 2 held-out
+    # edits x 2 orders), iteration 2, its evaluation
+    assert len(reqs) == 2 * 4 + 2 * 2 * 2
+    seen = set()
+    for text, (base, one, two) in reqs:
+        k = _which(text, [it.text for it in items], "Editing instruction:")
+        seen.add(k)
+        assert base.shape == (32, 32, 3) and raw[k].shape == (48, 40, 3)      # brought to the training size
+        np.testing.assert_array_equal(base, items[k].source)                   # BASE is this prompt's source
+        for j in range(len(items)):
+            if j != k:
+                assert not np.array_equal(base, items[j].source)
+        assert not np.array_equal(one, base) and not np.array_equal(two, base)
+    assert len(seen) >= 2                        # several prompts, each request with its own source
+    expected = np.mean([_served_p(one, two) for _, (_, one, two) in reqs[8:12]])
+    assert report["last_metrics"]["p_first_mean"] == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -18,6 +18,12 @@ it (kind and message), left out of the rubric, counted in the provenance, and tr
 rerun; the rest of its chunk goes on. More than ``max_failure_fraction`` failed pairs (once 20
 pairs are done, and at the end) stop the run with `arr_jax.judge.base.TooManyFailuresError`.
 A pair whose answers never parse is "discarded", the method's own outcome, not a failure.
+
+``choice_scores`` (off by default, as in the paper) verifies from one-token choice scores
+(``backend.p_first_status``: the Flax judge's one prefill, or an OpenAI-compatible server's
+log-probs, `arr_jax.judge.api`) instead of a generated, parsed verdict: the judge's pick is the
+image with P > 0.5 (exactly 0.5 is a tie and fails). Faster, but the judge gives no reason, so a
+refinement round is told only which image it chose and with what probability.
 """
 from __future__ import annotations
 
@@ -52,7 +58,8 @@ class InductionSettings:
     max_themes / tips_per_theme: the structured protocol's size; structure_retries: extra
     structuring attempts on an unusable answer; seed: for "random" verification orders;
     max_failure_fraction: the fraction of failed pairs (module docstring) that stops the run
-    (does not change results)."""
+    (does not change results); choice_scores: verify from one-token choice scores (module
+    docstring)."""
 
     k: int = 5
     t_max: int = 5
@@ -63,6 +70,7 @@ class InductionSettings:
     structure_retries: int = 2
     seed: int = 0
     max_failure_fraction: float = 0.1
+    choice_scores: bool = False
 
     def validate(self) -> None:
         if self.k < 1 or self.t_max < 0 or self.batch_pairs < 1 or self.max_themes < 1 or self.tips_per_theme < 1:
@@ -155,6 +163,8 @@ def config_hash(settings: InductionSettings, backend_name: str, templates: Templ
     s = dataclasses.asdict(settings)
     s.pop("batch_pairs")
     s.pop("max_failure_fraction")
+    if not s["choice_scores"]:
+        s.pop("choice_scores")   # off: the hash of runs from before the setting existed
     blob = json.dumps({"settings": s, "backend": backend_name, "templates": templates.digest(),
                        "guide": hashlib.sha256(guide_text.encode()).hexdigest(),
                        "pairs": hashlib.sha256("\0".join(pair_ids).encode()).hexdigest(), "extra": extra},
@@ -184,6 +194,9 @@ class Inducer:
     def __init__(self, backend: TextBackend, settings: InductionSettings, templates: TemplateSet,
                  guide_text: str = ""):
         settings.validate()
+        if settings.choice_scores and not callable(getattr(backend, "p_first_status", None)):
+            raise ValueError(f"induction.choice_scores needs a backend that scores choices (backend.kind 'openai' or "
+                             f"'qwen3_vl'); {backend.name} has none: set induction.choice_scores=False")
         self.backend, self.s, self.t, self.guide = backend, settings, templates, guide_text
 
     # -- requests ------------------------------------------------------------------------
@@ -237,16 +250,22 @@ class Inducer:
 
     def _verify(self, states: list[_PairState], rnd: int) -> tuple[list[bool], dict[str, str]]:
         jobs = [(st, sw, req) for st in states if st.rubrics for sw, req in self._verify_requests(st, rnd)]
-        texts = generate_isolated(self.backend, [req for _, _, req in jobs])
         per: dict[str, list] = {st.pair.id: [] for st in states}
-        for (st, sw, _), text in zip(jobs, texts):
+        if self.s.choice_scores:
+            verdicts = self._choices([req for _, _, req in jobs])
+        else:
+            verdicts = []
+            for text in generate_isolated(self.backend, [req for _, _, req in jobs]):
+                a = parsing.parse_pairwise(text)
+                verdicts.append((text, a.status, a.winner if a.usable else 0, a.reason, None,
+                                 text if not a.usable else ""))
+        for (st, sw, _), (text, status, winner, reason, p, shown) in zip(jobs, verdicts):
             st.check(text)
-            a = parsing.parse_pairwise(text)
             st.calls["verify"] += 1
-            st.statuses[f"verify:{a.status}"] += 1
-            pick = (3 - a.winner if sw else a.winner) if a.usable and a.winner else 0  # dataset numbering
-            per[st.pair.id].append({"swapped": sw, "status": a.status, "pick": pick, "reason": a.reason,
-                                    "text": text if not a.usable else ""})
+            st.statuses[f"verify:{status}"] += 1
+            pick = (3 - winner if sw else winner) if winner else 0  # dataset numbering
+            per[st.pair.id].append({"swapped": sw, "status": status, "pick": pick, "reason": reason, "p_first": p,
+                                    "text": shown})
         passed, answers = [], {}
         for st in states:
             v = per[st.pair.id]
@@ -257,6 +276,23 @@ class Inducer:
             answers[st.pair.id] = self._describe(v)
         return passed, answers
 
+    def _choices(self, requests) -> list[tuple]:
+        """``(text, status, winner 0/1/2, reason, P(image 1) or None, text shown to a refinement)`` per
+        verification request from one-token choice scores; a failed score is a `FailedReply` text
+        with its status."""
+        from arr_jax.judge.text_judge import p_first_isolated
+
+        p, status, notes = p_first_isolated(self.backend, requests)
+        out = []
+        for q, st, note in zip(p, status, notes):
+            if st is not None:
+                out.append((parsing.FailedReply("", st, note), st, 0, note, None, note))
+                continue
+            winner = 1 if q > 0.5 else 2 if q < 0.5 else 0
+            out.append(("", parsing.OK if winner else parsing.TIE, winner, f"P(Image 1 ranks first) = {q:.3f}",
+                        float(q), ""))
+        return out
+
     @staticmethod
     def _describe(v: list[dict]) -> str:
         if not v:
@@ -266,6 +302,11 @@ class Inducer:
             head = "With the two images shown in swapped order, the judge" if x["swapped"] else "The judge"
             if x["pick"] == 0:
                 lines.append(f"{head} gave no usable answer ({x['status']}): {x['text'][:300]!r}")
+            elif x.get("p_first") is not None:   # scored from one answer token: no reason given
+                shown = " the image shown here as" if x["swapped"] else ""
+                lines.append(f"{head} chose{shown} Image {x['pick']} (probability "
+                             f"{max(x['p_first'], 1 - x['p_first']):.2f}; scored from its first answer token, "
+                             "without a reason).")
             else:
                 shown = " the image shown here as" if x["swapped"] else ""
                 note = " (its reason numbers the images in the order it saw them)" if x["swapped"] else ""
@@ -433,7 +474,8 @@ def settings_from(c) -> InductionSettings:
     return InductionSettings(k=c.k, t_max=c.t_max, verify_orders=c.verify_orders, batch_pairs=c.batch_pairs,
                              max_themes=c.max_themes, tips_per_theme=c.tips_per_theme,
                              structure_retries=c.structure_retries, seed=c.seed,
-                             max_failure_fraction=c.get("max_failure_fraction", 0.1))
+                             max_failure_fraction=c.get("max_failure_fraction", 0.1),
+                             choice_scores=bool(c.get("choice_scores", False)))
 
 
 def induce_from_config(cfg) -> RubricFile:

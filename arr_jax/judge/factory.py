@@ -9,7 +9,8 @@ the reward judge of `arr_jax.train` as a `arr_jax.judge.reward.RubricJudge`:
     world_programmatic   the world's WorldJudge itself (a ceiling)         ignored (logged)
     qwen3_vl             TextJudge over our Flax Qwen3-VL (same process,   read
                          same mesh); one-prefill choice scores by default
-    api                  TextJudge over an OpenAI-compatible server        read
+    api                  TextJudge over an OpenAI-compatible server;       read
+                         one-token log-prob choice scores by default
 
 ``judge.rubric`` is a rubric file from `arr_jax.induce` (.txt, or the .json beside it); empty means
 the paper's "direct" judge, and the log says so.
@@ -32,14 +33,9 @@ def make_backend(b, rules=None):
 
         return WorldBackend(default_criteria=tuple(b.world.default_criteria), tie_break=b.world.tie_break)
     if b.kind == "openai":
-        from arr_jax.judge.api import OpenAIBackend
-
-        o = b.openai
-        return OpenAIBackend(model=o.model or None, endpoint=o.endpoint or None, api_key_env=o.api_key_env,
-                             timeout=o.timeout, max_retries=o.max_retries, backoff=o.backoff,
-                             concurrency=o.concurrency, cache_dir=o.cache_dir or None, temperature=o.temperature,
-                             max_tokens=o.max_tokens or None, token_param=o.token_param,
-                             image_format=o.image_format, max_image_side=o.max_image_side or None)
+        backend = api_backend(b.openai)
+        check_api(backend, b.openai)
+        return backend
     if b.kind == "qwen3_vl":
         from arr_jax.judge.vlm_backend import FlaxVLMBackend
 
@@ -53,6 +49,43 @@ def make_backend(b, rules=None):
             patch_bucket=q.patch_bucket or None, image_bucket=q.image_bucket or None,
             max_length=q.max_length or None, reasoning=q.get("reasoning", "close"))
     raise ValueError(f"bad config value backend.kind: {b.kind!r} (expected 'world', 'openai' or 'qwen3_vl')")
+
+
+_CHECKED: dict = {}   # (endpoint, model, key variable) -> choice support, checked once per process
+
+
+def api_backend(o):
+    """An `arr_jax.judge.api.OpenAIBackend` from a ``judge.api`` / ``backend.openai`` section
+    (not yet checked: see `check_api`)."""
+    from arr_jax.judge.api import OpenAIBackend
+
+    kwargs = o.get("chat_template_kwargs", None)
+    kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs
+    return OpenAIBackend(model=o.model or None, endpoint=o.endpoint or None, api_key_env=o.api_key_env,
+                         timeout=o.timeout, max_retries=o.max_retries, backoff=o.backoff,
+                         concurrency=o.concurrency, cache_dir=o.cache_dir or None, temperature=o.temperature,
+                         max_tokens=o.max_tokens or None, token_param=o.token_param,
+                         image_format=o.image_format, max_image_side=o.max_image_side or None,
+                         top_logprobs=o.get("top_logprobs", 20), template_kwargs=kwargs)
+
+
+def check_api(backend, o=None) -> None:
+    """`OpenAIBackend.check` (endpoint, key, model, log-prob support), once per endpoint, model and
+    key variable in a process; ``o.check`` False skips it (offline tests of the request path)."""
+    if o is not None and not o.get("check", True):
+        return
+    key = (backend.url, backend.model, backend.api_key_env)
+    if key not in _CHECKED:
+        _CHECKED[key] = backend.check()["choice_scores"]
+    if backend.choice_supported is None:
+        backend.choice_supported = _CHECKED[key]
+
+
+def check_judge(jc) -> None:
+    """Start-up check of a ``judge`` section's server (kind "api" only), before a run loads or
+    compiles anything: one line saying what is wrong (`OpenAIBackend.check`)."""
+    if jc is not None and jc.get("kind", "") == "api":
+        check_api(api_backend(_backend_section(jc).openai), jc.api)
 
 
 def _backend_section(jc):
@@ -93,6 +126,7 @@ def build_judge(jc, *, rules=None, workdir: str | Path | None = None):
     ``judge.prompt_rubrics = "generate"`` adds the paper's prompt-specific rubrics, cached under
     ``judge.prompt_rubrics_dir`` (default ``<workdir>/prompt_rubrics``).
     """
+    from arr_jax.judge.api import public_url
     from arr_jax.judge.reward import PromptRubrics, RubricJudge
     from arr_jax.judge.text_judge import TextJudge
 
@@ -112,12 +146,13 @@ def build_judge(jc, *, rules=None, workdir: str | Path | None = None):
         return RubricJudge(WorldJudge(), identity={"kind": jc.kind, "model": "world-programmatic"}, host_only=True)
     backend_cfg = _backend_section(jc)
     backend = make_backend(backend_cfg, rules=rules)
-    choice = bool(jc.choice_scores) and jc.kind == "qwen3_vl"
+    choice = bool(jc.choice_scores) and jc.kind in ("qwen3_vl", "api")
     judge = TextJudge(backend, mode=jc.mode, symmetrize=None if jc.symmetrize == "off" else jc.symmetrize,
                       choice_scores=choice)
     model = {"world": "world-programmatic", "qwen3_vl": backend_cfg.qwen3_vl.model_dir,
              "api": backend_cfg.openai.model}[jc.kind]
-    identity = {"kind": jc.kind, "model": model, "mode": jc.mode, "symmetrize": jc.symmetrize,
+    served = {"endpoint": public_url(backend.url)} if jc.kind == "api" else {}
+    identity = {"kind": jc.kind, "model": model, **served, "mode": jc.mode, "symmetrize": jc.symmetrize,
                 "choice_scores": choice}
     prompt_rubrics = None
     if jc.prompt_rubrics == "generate":
@@ -141,7 +176,14 @@ def judge_config(**overrides):
 
     kind / rubric / symmetrize / prompt_rubrics as in the module docstring; ``mode``: "pairwise"
     (the reward) | "pointwise" | "listwise"; ``choice_scores``: qwen3_vl reads P(image 1) from
-    one prefill instead of decoding and parsing; ``model_dir`` (qwen3_vl) / ``model`` (api): the
+    one prefill, api from one-token log-prob requests (``max_tokens=1``, ``logprobs``,
+    ``api.top_logprobs``, no thinking via ``api.chat_template_kwargs``; a server without
+    log-probs falls back to generate-and-parse, logged once), instead of decoding and parsing.
+    API requests are prefix-cache friendly: the system prompt (instructions and rubric) comes first
+    and is byte-identical across pairs, the pair's text and images last, so vLLM's
+    ``--enable-prefix-caching`` or SGLang's radix cache reuse it; up to ``api.concurrency`` go out
+    at once across pairs and both orders. ``api.check`` checks the endpoint, key, model and
+    log-prob support at start-up. ``model_dir`` (qwen3_vl) / ``model`` (api): the
     judge model; ``max_failure_fraction``: the share of pairs of one iteration whose judgement
     may fail (counted, judged as ties) before the run stops with a message.
     """
@@ -154,7 +196,8 @@ def judge_config(**overrides):
         world=dict(default_criteria=("colour", "shape"), tie_break="first"),
         api=dict(model="", endpoint="", api_key_env="OPENAI_API_KEY", timeout=120.0, max_retries=5,
                  backoff=1.0, concurrency=8, cache_dir="runs/api_cache", temperature=0.0, max_tokens=0,
-                 token_param="max_tokens", image_format="png", max_image_side=0),
+                 token_param="max_tokens", image_format="png", max_image_side=0, top_logprobs=20,
+                 chat_template_kwargs=dict(enable_thinking=False), check=True),
         qwen3_vl=dict(model_dir="", dtype="bfloat16", max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0,
                       batch_size=8, seq_bucket=256, patch_bucket=256, image_bucket=2, max_length=0,
                       reasoning="close"),  # a template opening <think>: "close" it empty or "refuse"

@@ -41,6 +41,8 @@ judge (`NON_FINITE`):
   input_error   another problem with this one request
   rejected      the server rejected this one request (HTTP 400 / 413 / 422)
   non_finite    a judge score that is NaN or infinite (counted, replaced by p = 0.5)
+  thinking      a one-token choice reply that opens a reasoning block instead of answering
+  no_choice     a one-token choice reply whose top log-probs hold neither option token
 
 ``FAILURES`` are the statuses whose answer is not used (a tie is a defined outcome, not a
 parse failure, but is counted too). ``Counter``s of statuses are what judges report.
@@ -62,7 +64,9 @@ TRUNCATED_REASONING = "truncated_reasoning"
 TRUNCATED, REFUSED, REASONING_ONLY = "truncated", "refused", "reasoning_only"
 BAD_IMAGE, TOO_LONG, INPUT_ERROR, REJECTED = "bad_image", "too_long", "input_error", "rejected"
 NON_FINITE = "non_finite"
-REPLY_FAILURES = (TRUNCATED, REFUSED, REASONING_ONLY)          # the reply is no answer
+# a choice-scored reply (one token, its log-probs) that starts a reasoning block / holds neither option
+THINKING, NO_CHOICE = "thinking", "no_choice"
+REPLY_FAILURES = (TRUNCATED, REFUSED, REASONING_ONLY, THINKING, NO_CHOICE)  # the reply is no answer
 INPUT_FAILURES = (BAD_IMAGE, TOO_LONG, INPUT_ERROR, REJECTED)  # the request could not be answered
 STATUSES = (OK, REPAIRED, FALLBACK, TIE, EMPTY, NO_JSON, INVALID_JSON, MISSING_FIELD, BAD_VALUE,
             TRUNCATED_REASONING, INTERNAL) + REPLY_FAILURES + INPUT_FAILURES + (NON_FINITE,)

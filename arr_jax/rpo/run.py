@@ -25,7 +25,7 @@ import numpy as np
 
 from arr_jax.checkpoint import atomic_write_text
 from arr_jax.data.prompts import build_prompts, iteration_prompts
-from arr_jax.judge.factory import build_judge
+from arr_jax.judge.factory import build_judge, check_judge
 from arr_jax.policies import build_policy
 from arr_jax.policies.base import Policy, PromptItem
 from arr_jax.rpo.evaluator import Evaluator
@@ -156,6 +156,7 @@ def build_run(cfg) -> RPORun:
     if jax.process_index() == 0:
         print(f"mesh: policy {_describe(rules)}, judge {_describe(judge_rules)}; {jax.process_count()} process(es), "
               f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+    check_judge(cfg.judge)      # a served judge: endpoint, key, model, log-probs, before anything loads
     policy = build_policy(cfg, rules)
     judge = build_judge(cfg.judge, rules=judge_rules, workdir=workdir)
     if policy.is_editing and not judge.accepts_sources:
