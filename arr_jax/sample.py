@@ -8,9 +8,14 @@ one PNG per image plus a grid.
     python -m arr_jax.sample --config configs/qwen_image_edit.py --config.model_dir=/path/to/Qwen-Image-Edit-2509 \
         --config.prompts_file=edits.jsonl
 
-Writes ``outdir/00000_s0.png`` ... (prompt index, seed), ``outdir/grid.png`` and
-``outdir/samples.json`` (file -> prompt, seed, source). Prompt embeddings are cached in
-``cache_dir``, so a rerun on the same prompts skips T5/CLIP.
+Each run writes into its own folder under ``outdir``, named by what it is (`run_dir`):
+``<lora>_<sampler><steps>_seed<seed>`` (``base_ode30_seed0``, ``flux_rpo-final_ode30_seed0`` for
+``runs/flux_rpo/lora/final.safetensors``; ``-2``, ``-3`` ... when that name holds another run's
+samples), so base and LoRA samples in one ``outdir`` never overwrite each other. In it:
+``00000_s0.png`` ... (prompt index, seed), ``grid.png`` (editing: each source beside its edit) and
+``samples.json`` (``settings``: model, LoRA, sampler, steps, guidance, seed, size, prompts file;
+``images``: file -> prompt, seed, source). Prompt embeddings are cached in ``cache_dir``, so a rerun
+on the same prompts skips T5/CLIP.
 
 The paper's generation benchmarks, in the layouts their own scorers read (`arr_jax.data.benchmarks`):
 
@@ -85,6 +90,56 @@ def load_image(path: str | Path) -> np.ndarray:
     from arr_jax.data.images import to_rgb_uint8
 
     return to_rgb_uint8(path)
+
+
+def run_settings(cfg) -> dict:
+    """What a sampling run is, as recorded in ``samples.json`` and compared by `run_dir`."""
+    s = cfg.sample
+    out = {"kind": cfg.kind, "model_dir": str(cfg.model_dir), "lora_path": str(cfg.lora_path or ""),
+           "prompts_file": str(cfg.prompts_file), "sources_file": str(cfg.get("sources_file", "") or ""),
+           "sampler": s.sampler, "num_steps": int(s.num_steps), "seed": int(cfg.seed),
+           "images_per_prompt": int(s.images_per_prompt), "height": int(s.height or 0), "width": int(s.width or 0)}
+    for k in ("guidance", "eta", "true_cfg_scale", "negative_prompt"):
+        if k in s:
+            out[k] = s[k]
+    return out
+
+
+def run_dir(outdir: str | Path, settings: dict) -> Path:
+    """``outdir/<lora>_<sampler><steps>_seed<seed>``: this run's folder; a folder of that name holding
+    another run's ``samples.json`` (other settings) is kept, and ``-2``, ``-3`` ... is used instead."""
+    lora = settings["lora_path"]
+    if not lora:
+        tag = "base"
+    else:
+        lp = Path(lora)
+        tag = f"{lp.parent.parent.name}-{lp.stem}" if lp.parent.name == "lora" and lp.parent.parent.name else lp.stem
+    name = f"{tag}_{settings['sampler']}{settings['num_steps']}_seed{settings['seed']}"
+    for n in range(1, 10_000):
+        d = Path(outdir) / (name if n == 1 else f"{name}-{n}")
+        f = d / "samples.json"
+        if not f.exists():
+            return d
+        try:
+            if json.loads(f.read_text()).get("settings") == json.loads(json.dumps(settings)):
+                return d  # a rerun of the same run
+        except (ValueError, AttributeError):
+            pass
+    raise ValueError(f"outdir {outdir}: too many sampling runs named {name}")
+
+
+def beside(source: np.ndarray | list, image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W', 3): the source image(s), each resized to height H, left of ``image`` (H, W, 3)."""
+    from PIL import Image
+
+    h = image.shape[0]
+    srcs = source if isinstance(source, list) else [source]
+    parts = []
+    for im in srcs:
+        im = np.asarray(im if isinstance(im, np.ndarray) else load_image(im))
+        w = max(1, round(im.shape[1] * h / im.shape[0]))
+        parts.append(np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)))
+    return np.concatenate(parts + [np.full((h, 2, 3), 255, np.uint8), image], axis=1)
 
 
 def make_grid(images: np.ndarray, cols: int) -> np.ndarray:
@@ -178,7 +233,8 @@ def run(cfg) -> list[Path]:
     s = cfg.sample
     pipe = build_pipeline(cfg)
     jobs = [(i, cfg.seed + k) for i in range(len(prompts)) for k in range(s.images_per_prompt)]
-    out = Path(cfg.outdir)
+    settings = run_settings(cfg)
+    out = run_dir(cfg.outdir, settings)
     out.mkdir(parents=True, exist_ok=True)
     written, images, index = [], [], {}
     key = jax.random.key(cfg.seed)
@@ -208,13 +264,13 @@ def run(cfg) -> list[Path]:
             name = f"{i:05d}_s{sd}.png"
             Image.fromarray(im).save(out / name)
             written.append(out / name)
-            images.append(im)
+            images.append(im if sources is None else beside(src[batch.index((i, sd))], im))
             index[name] = {"prompt": prompts[i], "seed": sd, "noise_seed": noise_seed,
                            "source": None if sources is None else source_names[i]}
     if len({im.shape for im in images}) == 1:
         Image.fromarray(make_grid(np.stack(images), s.grid_cols)).save(out / "grid.png")
         written.append(out / "grid.png")
-    (out / "samples.json").write_text(json.dumps(index, indent=1))
+    (out / "samples.json").write_text(json.dumps({"settings": settings, "images": index}, indent=1))
     st = pipe.stats
     print(f"wrote {len(images)} images to {out} (prompts encoded {st['encoded']}, cache hits {st['cache_hits']}, "
           f"truncated T5 {st['t5_truncated']} / CLIP {st['clip_truncated']})")
@@ -315,7 +371,8 @@ def run_qwen_image(cfg) -> list[Path]:
     s = cfg.sample
     neg = s.negative_prompt or None
     jobs = [(i, cfg.seed + k) for i in range(len(prompts)) for k in range(s.images_per_prompt)]
-    out = Path(cfg.outdir)
+    settings = run_settings(cfg)
+    out = run_dir(cfg.outdir, settings)
     out.mkdir(parents=True, exist_ok=True)
     written, images, index = [], [], {}
     key = jax.random.key(cfg.seed)
@@ -336,13 +393,13 @@ def run_qwen_image(cfg) -> list[Path]:
             name = f"{i:05d}_s{sd}.png"
             Image.fromarray(im).save(out / name)
             written.append(out / name)
-            images.append(im)
+            images.append(beside(src[batch.index((i, sd))], im) if src else im)
             index[name] = {"prompt": prompts[i], "seed": sd, "noise_seed": noise_seed,
                            "sources": [str(x) for x in sources[i]] if sources else []}
     if len({im.shape for im in images}) == 1:
         Image.fromarray(make_grid(np.stack(images), s.grid_cols)).save(out / "grid.png")
         written.append(out / "grid.png")
-    (out / "samples.json").write_text(json.dumps(index, indent=1))
+    (out / "samples.json").write_text(json.dumps({"settings": settings, "images": index}, indent=1))
     st = pipe.stats
     print(f"wrote {len(images)} images to {out} (prompts encoded {st['encoded']}, cache hits {st['cache_hits']}, "
           f"truncated {st['truncated']})")

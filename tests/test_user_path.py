@@ -51,3 +51,56 @@ def test_order_flip_rate_is_measured_and_a_biased_judge_warned_about_once(judge,
     assert len(warned) == (1 if biased else 0)  # once, after 8 pairs
     if biased:
         assert "judge.symmetrize=agree" in warned[0].getMessage()
+
+
+# ------------------------------------------------------------------------------ sample outputs
+
+def _flux_cfg(config: str, **over):
+    from arr_jax.cli import load_config
+
+    cfg = load_config(f"{ROOT / 'configs' / config}:tiny")
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def test_two_sample_runs_in_one_folder_keep_both_and_edits_show_their_source(tmp_path):
+    pytest.importorskip("diffusers")
+    import json
+
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    from _tiny_flux import build_tiny_pipeline, save_snapshot
+    from arr_jax import sample
+
+    pipe = build_tiny_pipeline(tmp_path / "flux")
+    save_snapshot(FluxKontextPipeline(**pipe.components), tmp_path / "kontext")
+    (tmp_path / "a.txt").write_text("a red cat\na blue dog\n")
+    (tmp_path / "b.txt").write_text("the cat on a dog\n")
+    out = tmp_path / "out"
+    common = dict(model_dir=str(tmp_path / "flux"), outdir=str(out), cache_dir=str(tmp_path / "cache"))
+    first = sample.run(_flux_cfg("flux_dev_t2i.py", prompts_file=str(tmp_path / "a.txt"), **common))
+    second = sample.run(_flux_cfg("flux_dev_t2i.py", prompts_file=str(tmp_path / "b.txt"), **common))
+    assert first[0].parent == out / "base_ode2_seed0" and second[0].parent == out / "base_ode2_seed0-2"
+    a = json.loads((out / "base_ode2_seed0" / "samples.json").read_text())
+    b = json.loads((out / "base_ode2_seed0-2" / "samples.json").read_text())
+    assert [v["prompt"] for v in a["images"].values()] == ["a red cat", "a blue dog"]
+    assert [v["prompt"] for v in b["images"].values()] == ["the cat on a dog"]
+    assert a["settings"]["lora_path"] == "" and a["settings"]["sampler"] == "ode" and "guidance" in a["settings"]
+    again = sample.run(_flux_cfg("flux_dev_t2i.py", prompts_file=str(tmp_path / "a.txt"), **common))
+    assert again[0].parent == out / "base_ode2_seed0"  # the same run again: its own folder
+    # editing: the grid shows each source beside its edit
+    src = tmp_path / "src.png"
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(src)
+    (tmp_path / "sources.txt").write_text("src.png\n")
+    (tmp_path / "edit.txt").write_text("make it red\n")
+    cfg = _flux_cfg("flux_kontext.py", model_dir=str(tmp_path / "kontext"), outdir=str(out),
+                    cache_dir=str(tmp_path / "cache"), prompts_file=str(tmp_path / "edit.txt"),
+                    sources_file=str(tmp_path / "sources.txt"))
+    cfg.sample.batch_size = 8  # one row per device of the 8-device mesh
+    written = sample.run(cfg)
+    grid = np.asarray(Image.open(written[-1]))
+    edit = np.asarray(Image.open(written[0]))
+    assert grid.shape == (edit.shape[0], 2 * edit.shape[1] + 2, 3)
+    assert (grid[:, :edit.shape[1]] == 7).all() and np.array_equal(grid[:, -edit.shape[1]:], edit)
