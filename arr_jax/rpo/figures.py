@@ -196,7 +196,7 @@ def save_reward_and_win_rate(path: str | Path, history: Sequence[dict], title: s
     a.set_title("training (judge on the policy's own pairs)", fontsize=9)
     a.legend(fontsize=7)
     ev = [h for h in history if "eval/win_rate" in h]
-    x = np.array([h["iteration"] + 1 for h in ev])
+    x = np.array([h["iteration"] for h in ev])  # iteration N = after N updates (from 1)
     w = np.array([h["eval/win_rate"] for h in ev])
     se = np.array([h.get("eval/win_rate_se", 0.0) for h in ev])
     b.axhline(0.5, color="grey", lw=0.8, ls="--")
@@ -207,13 +207,16 @@ def save_reward_and_win_rate(path: str | Path, history: Sequence[dict], title: s
         b.legend(fontsize=7)
     else:
         b.text(0.5, 0.5, "no held-out evaluation\n(rpo.eval_every = 0)", ha="center", va="center", fontsize=8)
-    b.set_ylim(0, 1)
+    b.set_ylim(-0.03, 1.05)  # a tie rate of 1.0 (or a win rate of 0) stays visible above (below) the frame
     b.set_title("held-out prompts, fixed seeds", fontsize=9)
     for ax in (a, b):
-        ax.set_xlabel("RPO iteration", fontsize=8)
+        ax.set_xlabel("RPO iteration (from 1)", fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no fractional iterations on short runs
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title, 100), fontsize=10)  # long titles wrap instead of being clipped
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

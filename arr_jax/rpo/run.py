@@ -257,14 +257,14 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         it = trainer.iteration
         items = iteration_prompts(run.train_prompts, cfg.seed, it, r.pairs_per_batch)
         m = trainer.step(items)
-        m["iteration"] = it
+        m["iteration"] = it + 1  # iterations count from 1: "iteration N" is the N-th update (README)
         m.update(run.judge.metrics())
         failed = judge_failures(m)
         if failed > max_fail * r.pairs_per_batch:
             raise RuntimeError(f"iteration {it}: the judge failed on {failed:.0f} of {r.pairs_per_batch} pairs "
                                f"({ {k: v for k, v in m.items() if k.startswith('judge_failures/')} }), above "
                                f"judge.max_failure_fraction={max_fail}; the last checkpoint is in {work / 'checkpoints'}")
-        if run.evaluator is not None and (it % r.eval_every == 0 or it + 1 == r.iterations):
+        if run.evaluator is not None and ((it + 1) % r.eval_every == 0 or it + 1 == r.iterations):
             t0 = time.perf_counter()
             m.update(run.evaluator(trainer, it + 1, writer))
             m["time/eval"] = time.perf_counter() - t0
@@ -277,7 +277,7 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         if writer is not None:
             for k, v in m.items():
                 if isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, it)
+                    writer.add_scalar(k, v, it + 1)
         bar.update(1)
         bar.set_postfix(_postfix(m, history))
         if (it + 1) % r.checkpoint_every == 0 or it + 1 == r.iterations:
@@ -334,11 +334,18 @@ def _write_report(run: RPORun, history: list[dict], final_lora: Path | None, sec
     report = {"iterations": run.trainer.iteration, "seconds_this_run": seconds,
               "eval": {k[5:]: v for k, v in last_eval.items() if k.startswith("eval/")},
               "rubric_sha256": run.judge.rubric_sha256, "judge": run.judge.identity,
+              "eval_judge": run.evaluator.judge.identity if run.evaluator is not None else None,
               "last_metrics": history[-1],
               "outputs": {"lora": str(final_lora) if final_lora else None, "checkpoints": str(work / "checkpoints"),
                           "tensorboard": str(work / "tensorboard"), "eval_grids": str(work / "eval"),
                           "figure": str(work / "reward_and_win_rate.png"), "curves": str(work / "curves.png")}}
     (work / "report.json").write_text(json.dumps(report, indent=2, default=float))
+
+
+def _judge_label(judge) -> str:
+    ident = getattr(judge, "identity", {}) or {}
+    model = ident.get("model")
+    return f"{ident.get('kind', judge.name)}" + (f" {model}" if model and model != ident.get("kind") else "")
 
 
 def summary(run: RPORun, history: list[dict]) -> str:
@@ -347,7 +354,8 @@ def summary(run: RPORun, history: list[dict]) -> str:
     last_eval = next((h for h in reversed(history) if "eval/win_rate" in h), None)
     lines = [f"finished {run.trainer.iteration} RPO iterations ({run.cfg.kind} policy, judge {run.judge.name})"]
     if last_eval is not None:
-        lines.append(f"held-out win rate against the base: {last_eval['eval/win_rate']:.3f} "
+        lines.append(f"held-out win rate against the base after iteration {last_eval['iteration']} (judge "
+                     f"{_judge_label(run.evaluator.judge)}): {last_eval['eval/win_rate']:.3f} "
                      f"± {last_eval['eval/win_rate_se']:.3f} (ties {last_eval['eval/tie_rate']:.2f}, "
                      f"{int(last_eval['eval/pairs'])} pairs)")
     else:
