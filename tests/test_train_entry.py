@@ -450,7 +450,7 @@ def test_every_documented_command_parses():
             config_flags.DEFINE_config_file("config", default, "", flag_values=fv, lock_config=True,
                                             sys_argv=["prog"] + args)
             fv(["prog"] + args)
-            validate(fv.config)
+            validate(fv.config, module.rsplit(".", 1)[1])
         except Exception as e:  # noqa: BLE001 - name the command in the failure
             raise AssertionError(f"{where}: {e}") from e
         parsed += 1

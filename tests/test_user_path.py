@@ -104,3 +104,74 @@ def test_two_sample_runs_in_one_folder_keep_both_and_edits_show_their_source(tmp
     edit = np.asarray(Image.open(written[0]))
     assert grid.shape == (edit.shape[0], 2 * edit.shape[1] + 2, 3)
     assert (grid[:, :edit.shape[1]] == 7).all() and np.array_equal(grid[:, -edit.shape[1]:], edit)
+
+
+# ------------------------------------------------------------------------------ hints that lead somewhere
+
+def _env() -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _hint(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith(("error:", "FATAL"))]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+def test_the_hints_of_the_commonest_mistakes_work_when_followed(tmp_path):
+    """Each error's fix-it command, run as printed, makes the failing command work."""
+    from arr_jax.cli import check_inputs, load_config
+
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    # evaluate without its rubric: the hint's induce command makes exactly the file evaluate reads
+    line = _hint(_cli(["-m", "arr_jax.evaluate", "--config", "configs/evaluate_world.py:tiny"], tmp_path))
+    make = re.search(r"make it with `([^`]+)`", line).group(1)
+    assert make == "python -m arr_jax.induce --config configs/evaluate_world.py:tiny".replace("evaluate", "induce")
+    r = _cli(shlex.split(make)[1:], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli(["-m", "arr_jax.evaluate", "--config", "configs/evaluate_world.py:tiny"], tmp_path)
+    assert r.returncode == 0 and "rubric:" in r.stdout, r.stderr[-3000:]
+    # ... and its "without a rubric" alternative is evaluate's own key
+    assert "--config.conditions=direct" in line and "judge.rubric" not in line
+    # train on the demo config before its rubric exists: the demo's own induce step and path
+    line = _hint(_cli(["-m", "arr_jax.train", "--config", "configs/demo.py:tiny"], tmp_path))
+    assert "make it with `python -m arr_jax.induce --config configs/demo.py:tiny` (it writes runs/tiny/rubric/" in line
+    cfg = load_config(str(ROOT / "configs/demo.py") + ":tiny")
+    cfg.judge.rubric = ""  # the hint's direct-judge alternative, --config.judge.rubric=''
+    check_inputs(cfg, "train")
+    # an API judge without a model: the key the hint names exists in train's config and suffices
+    line = _hint(_cli(["-m", "arr_jax.train", "--config", "configs/demo.py:tiny", "--config.judge.kind=api",
+                       "--config.judge.rubric="], tmp_path))
+    key = re.search(r"--config\.([\w.]+)=<model", line).group(1)
+    assert key == "judge.model"
+    cfg.judge.kind, cfg.judge.model = "api", "gpt-5"
+    check_inputs(cfg, "train")
+    # a mistyped key: one line naming the close key, which then parses
+    line = _hint(_cli(["-m", "arr_jax.train", "--config", "configs/demo.py:tiny", "--config.rpo.iteratons=3"], tmp_path))
+    assert "did you mean --config.rpo.iterations" in line
+    # a relative --config from another directory: the absolute path it names exists
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    line = _hint(_cli(["-m", "arr_jax.train", "--config", "configs/demo.py:tiny"], other))
+    path = re.search(r"pass --config (\S+?):tiny", line).group(1)
+    assert Path(path).is_file() and Path(path).samefile(ROOT / "configs" / "demo.py")
+    # the key listing documents the keys with a default and help
+    r = _cli(["-m", "arr_jax.cli", "configs/demo.py:tiny", "rpo.iterations"], tmp_path)
+    assert r.returncode == 0 and "rpo.iterations = 2" in r.stdout, r.stderr
+
+
+def test_sample_accepts_qwen_image_and_train_says_why_not():
+    from arr_jax.cli import load_config, validate
+
+    cfg = load_config(str(ROOT / "configs/qwen_image_edit.py") + ":tiny")
+    cfg.kind = "qwen_image"
+    validate(cfg, "sample")
+    with pytest.raises(ValueError, match=r"kind: 'qwen_image' .*python -m arr_jax.sample"):
+        validate(cfg, "train")
