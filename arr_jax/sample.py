@@ -160,10 +160,35 @@ def build_pipeline(cfg):
     from arr_jax.policies.flux import load_pipeline
     from arr_jax.rpo.run import mesh_rules
 
-    pipe = load_pipeline(cfg, mesh_rules(cfg)[0], lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
-    if cfg.lora_path:
-        load_peft_lora(pipe.transformer, cfg.lora_path)
+    from arr_jax.progress import stage
+
+    with stage(f"loading the {cfg.kind} weights from {cfg.model_dir}" + (f" and the LoRA {cfg.lora_path}"
+                                                                         if cfg.lora_path else "")):
+        pipe = load_pipeline(cfg, mesh_rules(cfg)[0], lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
+        if cfg.lora_path:
+            load_peft_lora(pipe.transformer, cfg.lora_path)
     return pipe
+
+
+def mesh_batch(rules, batch_size: int) -> int:
+    """The rows one sampling program runs: ``batch_size`` rounded up to a multiple of the devices the
+    batch axis is sharded over (``rules.rules["batch"]``, e.g. data x fsdp; 1 without a mesh), so a
+    batch always divides the mesh. Each batch holds ``batch_size`` jobs, padded (as the trainer pads
+    its evaluation batches) by repeating its last job; the padding rows are computed and dropped."""
+    if rules is None or rules.mesh is None:
+        return int(batch_size)
+    axes = rules.rules.get("batch")
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    n = int(np.prod([rules.mesh.shape[a] for a in axes]))
+    return -(-int(batch_size) // n) * n
+
+
+def _batch_note(cfg, size: int) -> None:
+    if size != cfg.sample.batch_size:
+        from arr_jax.progress import note
+
+        note(f"each batch of sample.batch_size={cfg.sample.batch_size} prompts is padded to {size} rows (the "
+             f"mesh's data-parallel devices); --config.sample.batch_size={size} would use them all")
 
 
 def benchmark_sample_fn(cfg, pipe):
@@ -238,10 +263,12 @@ def run(cfg) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written, images, index = [], [], {}
     key = jax.random.key(cfg.seed)
+    size = mesh_batch(pipe.rules, s.batch_size)
+    _batch_note(cfg, size)
     for lo in tqdm(range(0, len(jobs), s.batch_size), desc="sampling", unit="batch", dynamic_ncols=True):
         batch = jobs[lo:lo + s.batch_size]
-        pad = s.batch_size - len(batch)
-        batch_p = batch + [batch[-1]] * pad  # one compiled shape
+        pad = size - len(batch)
+        batch_p = batch + [batch[-1]] * pad  # one compiled shape, divisible by the mesh
         ps = [prompts[i] for i, _ in batch_p]
         seeds = [sd * 100_003 + i for i, sd in batch_p]
         src = None
@@ -364,10 +391,14 @@ def run_qwen_image(cfg) -> list[Path]:
                 check_image_size(h, w, 16, what=f"source image {x}")
     from arr_jax.rpo.run import mesh_rules
 
+    from arr_jax.progress import stage
+
     rules = mesh_rules(cfg)[0]
-    pipe = load_pipeline(cfg, rules, lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
-    if cfg.lora_path:
-        load_peft_lora(pipe.transformer, cfg.lora_path)
+    with stage(f"loading the {NAMES[kind]} weights from {cfg.model_dir}" + (f" and the LoRA {cfg.lora_path}"
+                                                                            if cfg.lora_path else "")):
+        pipe = load_pipeline(cfg, rules, lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
+        if cfg.lora_path:
+            load_peft_lora(pipe.transformer, cfg.lora_path)
     s = cfg.sample
     neg = s.negative_prompt or None
     jobs = [(i, cfg.seed + k) for i in range(len(prompts)) for k in range(s.images_per_prompt)]
@@ -376,11 +407,14 @@ def run_qwen_image(cfg) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written, images, index = [], [], {}
     key = jax.random.key(cfg.seed)
+    size = mesh_batch(rules, s.batch_size)
+    _batch_note(cfg, size)
     for lo in tqdm(range(0, len(jobs), s.batch_size), desc="sampling", unit="batch", dynamic_ncols=True):
         batch = jobs[lo:lo + s.batch_size]
-        ps = [prompts[i] for i, _ in batch]
-        seeds = [sd * 100_003 + i for i, sd in batch]
-        src = [[load_image(x) for x in sources[i]] for i, _ in batch] if sources else None
+        batch_p = batch + [batch[-1]] * (size - len(batch))  # one compiled shape, divisible by the mesh
+        ps = [prompts[i] for i, _ in batch_p]
+        seeds = [sd * 100_003 + i for i, sd in batch_p]
+        src = [[load_image(x) for x in sources[i]] for i, _ in batch_p] if sources else None
         kw = dict(height=s.height or None, width=s.width or None, seeds=seeds)
         if s.sampler == "ode":
             imgs = pipe.sample(ps, src, num_steps=s.num_steps, negative_prompt=neg, true_cfg_scale=s.true_cfg_scale,
@@ -389,7 +423,7 @@ def run_qwen_image(cfg) -> list[Path]:
             _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), src, num_steps=s.num_steps, eta=s.eta, **kw)
         else:
             raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
-        for (i, sd), noise_seed, im in zip(batch, seeds, to_uint8(imgs)):
+        for (i, sd), noise_seed, im in zip(batch, seeds, to_uint8(imgs)[: len(batch)]):
             name = f"{i:05d}_s{sd}.png"
             Image.fromarray(im).save(out / name)
             written.append(out / name)

@@ -53,6 +53,35 @@ def test_order_flip_rate_is_measured_and_a_biased_judge_warned_about_once(judge,
         assert "judge.symmetrize=agree" in warned[0].getMessage()
 
 
+def test_progress_lines_say_what_is_slow_and_stay_quiet_when_asked(capsys, monkeypatch):
+    """Each program says when it compiles (with its seconds) and the first judging says it waits, on
+    stderr; a second iteration compiles nothing and says nothing; ARR_JAX_QUIET=1 silences it all."""
+    from conftest import make_tiny_trainer
+
+    monkeypatch.delenv("ARR_JAX_QUIET", raising=False)
+    tr = make_tiny_trainer(micro_batch=8, num_steps=3)
+    tr.step(PROMPTS)
+    err = capsys.readouterr().err.splitlines()
+    for prog in ("rollout", "decode", "reference", "update"):
+        assert f"compiling the {prog} program ..." in err, err
+        secs = [float(m.group(1)) for line in err if (m := re.fullmatch(rf"compiled {prog} in (\d+\.\d) s", line))]
+        assert len(secs) == 1 and secs[0] == round(tr._instrumented[prog].compile_s, 1), err
+    assert err.index("compiling the update program ...") > err.index("compiling the rollout program ...")
+    judged = [line for line in err if line.startswith("judging the first 4 pairs (")]
+    assert len(judged) == 2 and judged[0].endswith(" ...") and re.search(r": done in \d+\.\d s$", judged[1])
+    tr.step(PROMPTS)
+    assert capsys.readouterr().err == ""  # nothing new to compile, the judge already announced
+    import jax
+
+    from arr_jax.progress import Announced, note, stage
+
+    monkeypatch.setenv("ARR_JAX_QUIET", "1")
+    with stage("loading"):
+        note("a line")
+    assert int(Announced(jax.jit(lambda x: x + 1), "tiny")(np.ones(3, np.int32))[0]) == 2
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------------------ sample outputs
 
 def _flux_cfg(config: str, **over):
@@ -175,3 +204,36 @@ def test_sample_accepts_qwen_image_and_train_says_why_not():
     validate(cfg, "sample")
     with pytest.raises(ValueError, match=r"kind: 'qwen_image' .*python -m arr_jax.sample"):
         validate(cfg, "train")
+
+
+def test_kontext_sample_with_fewer_prompts_than_devices(tmp_path):
+    """One edit on the 8-device mesh with the config's batch size (2): the batch is padded to the mesh
+    (as the trainer pads), and each written edit is the one a batch of its own gives."""
+    pytest.importorskip("diffusers")
+    import json
+
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    from _tiny_flux import build_tiny_pipeline, save_snapshot
+    from arr_jax import sample
+
+    save_snapshot(FluxKontextPipeline(**build_tiny_pipeline(tmp_path / "flux").components), tmp_path / "kontext")
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "sources.txt").write_text("a.png\nb.png\na.png\n")
+    (tmp_path / "edit.txt").write_text("make it red\nmake it blue\nmake it green\n")
+    cfg = _flux_cfg("flux_kontext.py", model_dir=str(tmp_path / "kontext"), outdir=str(tmp_path / "out"),
+                    cache_dir=str(tmp_path / "cache"), prompts_file=str(tmp_path / "edit.txt"),
+                    sources_file=str(tmp_path / "sources.txt"))
+    assert cfg.sample.batch_size < 8 and cfg.sample.images_per_prompt == 1
+    written = sample.run(cfg)  # was IndivisibleError: shape=[2,1,1,1,4] vs data=8
+    assert [p.name for p in written] == ["00000_s0.png", "00001_s0.png", "00002_s0.png", "grid.png"]
+    index = json.loads((written[0].parent / "samples.json").read_text())["images"]
+    assert [v["prompt"] for v in index.values()] == ["make it red", "make it blue", "make it green"]
+    # the padding rows change nothing: the three edits in one batch of the mesh's size are the same images
+    cfg.sample.batch_size, cfg.outdir = 8, str(tmp_path / "one_batch")
+    together = sample.run(cfg)
+    for a, b in zip(written[:3], together[:3]):
+        np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

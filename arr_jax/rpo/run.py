@@ -27,6 +27,7 @@ from arr_jax.data.prompts import build_prompts, iteration_prompts
 from arr_jax.judge.factory import build_judge
 from arr_jax.policies import build_policy
 from arr_jax.policies.base import Policy, PromptItem
+from arr_jax.progress import stage
 from arr_jax.rpo.evaluator import Evaluator
 from arr_jax.rpo.trainer import RPOTrainer, rpo_settings
 
@@ -123,6 +124,10 @@ def build_evaluator(cfg, judge, eval_prompts, workdir: Path, rules=None) -> Eval
                      criteria_fn=world_criteria if cfg.kind == "world" else None)
 
 
+def _where(model_dir) -> str:
+    return f" from {model_dir}" if model_dir else ""
+
+
 def _describe(rules) -> str:
     if rules is None or rules.mesh is None:
         return "1 device"
@@ -139,8 +144,10 @@ def build_run(cfg) -> RPORun:
     if jax.process_index() == 0:
         print(f"mesh: policy {_describe(rules)}, judge {_describe(judge_rules)}; {jax.process_count()} process(es), "
               f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
-    policy = build_policy(cfg, rules)
-    judge = build_judge(cfg.judge, rules=judge_rules, workdir=workdir)
+    with stage(f"loading the {cfg.kind} policy's weights{_where(cfg.get('model_dir', '') or cfg.get('base_checkpoint', ''))}"):
+        policy = build_policy(cfg, rules)
+    with stage(f"loading the {cfg.judge.kind} judge{_where(cfg.judge.get('model_dir', ''))}"):
+        judge = build_judge(cfg.judge, rules=judge_rules, workdir=workdir)
     if policy.is_editing and not judge.accepts_sources:
         raise ValueError(f"judge.kind {cfg.judge.kind!r} cannot judge edits: use 'qwen3_vl' or 'api' with the "
                          f"{cfg.kind} policy")
@@ -243,7 +250,8 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
                                          f"{run.judge.rubric_sha256[:12]})" if run.judge.rubric_sha256
                                              else "no rubric (direct judge)"))
     if run.policy.precompute is not None:
-        run.policy.precompute(run.train_prompts + run.eval_prompts)
+        with stage(f"encoding {len(run.train_prompts) + len(run.eval_prompts)} prompts (training and held-out)"):
+            run.policy.precompute(run.train_prompts + run.eval_prompts)
     writer = SummaryWriter(str(work / "tensorboard")) if run.is_writer else None
     keep_best = bool(r.get("keep_best", False)) and run.evaluator is not None
     best_ckpt = Checkpointer((work / "best").absolute(), max_to_keep=1, model_signature=signature)
@@ -266,7 +274,9 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
                                f"judge.max_failure_fraction={max_fail}; the last checkpoint is in {work / 'checkpoints'}")
         if run.evaluator is not None and ((it + 1) % r.eval_every == 0 or it + 1 == r.iterations):
             t0 = time.perf_counter()
-            m.update(run.evaluator(trainer, it + 1, writer))
+            with stage(f"held-out evaluation after iteration {it + 1} ({len(run.evaluator.items)} images per "
+                       f"policy, judge {_judge_label(run.evaluator.judge)})"):
+                m.update(run.evaluator(trainer, it + 1, writer))
             m["time/eval"] = time.perf_counter() - t0
             score = m.get("eval/accuracy", m["eval/win_rate"])
             if keep_best and score >= best["score"]:

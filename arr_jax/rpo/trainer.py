@@ -14,6 +14,7 @@ leaves the model holding deleted arrays.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -27,8 +28,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arr_jax.diffusion.schedule import rollout_sigmas
 from arr_jax.judge.base import PairwiseBatch, concat, flip_winner
-from arr_jax.perf import Instrumented, mfu
 from arr_jax.multihost import from_host_local, local_rows, sum_over_processes, to_host_local, union_keys
+from arr_jax.perf import mfu
+from arr_jax.progress import Announced, stage
+from arr_jax.progress import enabled as progress_enabled
 from arr_jax.policies.base import Policy, PromptItem, as_items
 from arr_jax.rpo.programs import LossConfig, PolicyPrograms, make_optimizer
 from arr_jax.rpo.rewards import pair_rewards
@@ -203,10 +206,12 @@ class RPOTrainer:
         self._decode = jax.jit(policy.decode_fn, out_shardings=self._sharding(4))
         # Every program of an iteration is compiled ahead of time once per input signature and counts
         # its FLOPs (`arr_jax.perf`): achieved TFLOP/s and MFU per phase go into each step's metrics.
-        self.programs.rollout = Instrumented(self.programs.rollout, "rollout")
-        self.programs.ref_pass = Instrumented(self.programs.ref_pass, "reference")
-        self.programs.train_step = Instrumented(self.programs.train_step, "update")
-        self._decode = Instrumented(self._decode, "decode")
+        # Each says when it compiles, with its seconds (`arr_jax.progress.Announced`, process 0).
+        self.programs.rollout = Announced(self.programs.rollout, "rollout")
+        self.programs.ref_pass = Announced(self.programs.ref_pass, "reference")
+        self.programs.train_step = Announced(self.programs.train_step, "update")
+        self.programs.ode = Announced(self.programs.ode, "ode sampler")
+        self._decode = Announced(self._decode, "decode")
         self._instrumented = {"rollout": self.programs.rollout, "decode": self._decode,
                               "reference": self.programs.ref_pass, "update": self.programs.train_step}
         self._noise_fns: dict = {}
@@ -218,6 +223,7 @@ class RPOTrainer:
         self.timing: dict[str, float] = {}
         self.order_check_pairs, self.order_flip_warn = int(order_check_pairs), float(order_flip_warn)
         self.order_flips = {"flips": 0.0, "pairs": 0.0, "warned": False}
+        self._judged = False
 
     # --- the weights: owned by the policy's model -------------------------------------------
     @property
@@ -377,6 +383,30 @@ class RPOTrainer:
         res = self.judge.compare(items, images[0::2], images[1::2])
         self.timing["judge_busy"] = self.timing.get("judge_busy", 0.0) + time.perf_counter() - t0
         return res
+
+    def _first_judging(self, n_pairs: int):
+        """The first iteration says it waits on the judge (which may compile or load first), with its
+        seconds; later ones are timed in the RPO bar."""
+        if self._judged:
+            return contextlib.nullcontext()
+        self._judged = True
+        return stage(f"judging the first {n_pairs} pairs ({self.judge.name})")
+
+    def _wait_for_judge(self, futures, n_pairs: int) -> list[PairwiseBatch]:
+        """The results of a host judge's micro-batches, in order. The first iteration says it waits
+        (`_first_judging`); later waits longer than 2 s show a bar of the micro-batches judged."""
+        from concurrent.futures import as_completed
+
+        from tqdm.auto import tqdm
+
+        with self._first_judging(n_pairs):
+            pending = [f for f in futures if not f.done()]
+            with tqdm(total=len(futures), initial=len(futures) - len(pending), desc="waiting on the judge",
+                      unit="micro-batch", leave=False, delay=2.0, dynamic_ncols=True,
+                      disable=not progress_enabled()) as bar:
+                for _ in as_completed(pending):
+                    bar.update(1)
+        return [f.result() for f in futures]
 
     def _one_order(self) -> bool:
         """The judge decides each pair from one image order (``judge.symmetrize = off``)."""
@@ -557,11 +587,12 @@ class RPOTrainer:
             batch = self.rollout(prompts, key, on_decoded=lambda items, imgs: futures.append(
                 self._judge_pool.submit(self._judge_pairs, items, imgs)))
             t1 = time.perf_counter()
-            res = concat([f.result() for f in futures])
+            res = concat(self._wait_for_judge(futures, len(batch.items)))
         else:
             batch = self.rollout(prompts, key)
             t1 = time.perf_counter()
-            res = self._judge_pairs(batch.items, batch.images)
+            with self._first_judging(len(batch.items)):
+                res = self._judge_pairs(batch.items, batch.images)
         adv, jm = self._rewards(res)
         jm.update(self.order_check(batch.items, batch.images, res.winner))
         self.timing["judge"] = time.perf_counter() - t1  # what the iteration waited for the judge
