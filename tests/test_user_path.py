@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,33 @@ def test_kontext_sample_with_fewer_prompts_than_devices(tmp_path):
     together = sample.run(cfg)
     for a, b in zip(written[:3], together[:3]):
         np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_launch_scripts_without_their_prerequisites_say_what_to_do(tmp_path):
+    """gpu_multihost.sh outside Slurm, without the JAX_* variables or a command, and tpu_pod.sh without
+    its arguments or gcloud: one line each, exit 2, nothing started."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
+    marker = tmp_path / "ran"
+
+    def one_line(*args, **extra):
+        r = subprocess.run([shutil.which("bash"), *map(str, args)], env={**env, **extra}, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and r.stdout == "" and not marker.exists(), (r.returncode, r.stdout, r.stderr)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        return lines[0]
+
+    gpu, tpu = ROOT / "launch" / "gpu_multihost.sh", ROOT / "launch" / "tpu_pod.sh"
+    line = one_line(gpu, "touch", marker)
+    assert "not inside a Slurm job" in line and "srun --nodes=N" in line and "JAX_COORDINATOR_ADDRESS" in line
+    assert "no command given" in one_line(gpu, SLURM_JOB_ID="1")
+    # with the explicit variables the command runs (how tests/test_multihost.py starts its processes)
+    r = subprocess.run(["bash", str(gpu), "touch", str(marker)], env={**env, "JAX_COORDINATOR_ADDRESS": "x:1",
+                       "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and marker.exists()
+    marker.unlink()
+    assert "TPU_NAME ZONE" in one_line(tpu, "my-v5e", "us-west4-a")
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    assert "gcloud not found" in one_line(tpu, "my-v5e", "us-west4-a", f"touch {marker}", PATH=str(empty))
