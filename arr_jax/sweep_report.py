@@ -179,11 +179,13 @@ def write_plot(plan, rows: list[dict], metric: str, path: Path, plot_x: str = ""
     else:  # zipped keys (or none): every tick names its values
         ax.set_xticklabels(["\n".join(f"{plan.short[k]}={_fmt(x)}" for k, x in zip(x_f, v)) or "all points"
                             for v in xs], fontsize=8)
-    ax.set_ylabel(metric)
+    from arr_jax.rpo.figures import fit_text
+
+    ax.set_ylabel(fit_text(metric, 3.0, 10))
     title = f"{metric} per sweep point"
     if replicate:
         title += " (dots: seeds; marker: mean ± SE)"
-    ax.set_title(title, fontsize=10)
+    ax.set_title(fit_text(title, 5.6, 10), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     if any(series):
         ax.legend(fontsize=8, frameon=False)
