@@ -164,6 +164,8 @@ def validate(cfg, entry: str = "") -> None:
         need(cfg.judge.prompt_rubrics in ("off", "generate"), "judge.prompt_rubrics",
              f"{cfg.judge.prompt_rubrics!r} is not 'off' or 'generate'")
         need(0 <= cfg.judge.max_failure_fraction <= 1, "judge.max_failure_fraction", "must be in [0, 1]")
+        need(cfg.judge.get("order_check_pairs", 0) >= 0, "judge.order_check_pairs", "must be >= 0 (0: no check)")
+        need(0 <= cfg.judge.get("order_flip_warn", 0) <= 1, "judge.order_flip_warn", "must be in [0, 1]")
     if "kind" in cfg and "rpo" in cfg:
         from arr_jax.policies import KINDS
 

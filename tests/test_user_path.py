@@ -40,7 +40,7 @@ class Brighter:
 
 
 @pytest.mark.parametrize("judge,biased", [(FirstWins(), True), (Brighter(), False)])
-def test_order_flip_rate_is_measured_and_a_biased_judge_warned_about_once(judge, biased, caplog):
+def test_order_flip_rate_is_measured_and_a_biased_judge_warned_about_once(judge, biased, caplog, tmp_path):
     from conftest import make_tiny_trainer
 
     tr = make_tiny_trainer(judge=judge, micro_batch=8, num_steps=3)
@@ -50,8 +50,37 @@ def test_order_flip_rate_is_measured_and_a_biased_judge_warned_about_once(judge,
     assert ms[-1]["order_flip_rate_run"] == (1.0 if biased else 0.0) and tr.order_flips["pairs"] == 12
     warned = [r for r in caplog.records if "order-flip rate" in r.getMessage()]
     assert len(warned) == (1 if biased else 0)  # once, after 8 pairs
-    if biased:
-        assert "judge.symmetrize=agree" in warned[0].getMessage()
+    if not biased:
+        return
+    assert "judge.symmetrize=agree" in warned[0].getMessage()
+    # the counts are saved with the checkpoint: a resumed run goes on counting and does not warn again
+    from arr_jax.checkpoint import Checkpointer
+    from arr_jax.rpo.run import restore_checkpoint, save_checkpoint
+
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    save_checkpoint(ckpt, tr, [{"iteration": 3}])
+    ckpt.wait()
+    tr.order_flips = {"flips": 0.0, "pairs": 0.0, "warned": False}  # as a fresh process starts
+    tr.iteration = 0
+    assert restore_checkpoint(Checkpointer(tmp_path / "ckpt"), tr) == [{"iteration": 3}]
+    assert tr.iteration == 3 and tr.order_flips == {"flips": 12.0, "pairs": 12.0, "warned": True}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="arr_jax.rpo.trainer"):
+        m = tr.step(PROMPTS)
+    assert m["order_flip_rate_run"] == 1.0 and tr.order_flips["pairs"] == 16
+    assert not [r for r in caplog.records if "order-flip rate" in r.getMessage()]
+
+
+def test_order_flip_check_keys_are_in_the_judge_config_and_checked():
+    from arr_jax.cli import describe_keys, load_config, validate
+
+    cfg = load_config(str(ROOT / "configs/flux_dev_t2i.py") + ":tiny")
+    assert (cfg.judge.order_check_pairs, cfg.judge.order_flip_warn) == (4, 0.3)
+    listing = describe_keys(str(ROOT / "configs/flux_dev_t2i.py") + ":tiny", "order_")
+    assert "judge.order_check_pairs = 4    # pairs per iteration" in listing and "judge.order_flip_warn = 0.3" in listing
+    cfg.judge.order_flip_warn = 1.5
+    with pytest.raises(ValueError, match="judge.order_flip_warn"):
+        validate(cfg, "train")
 
 
 def test_progress_lines_say_what_is_slow_and_stay_quiet_when_asked(capsys, monkeypatch):

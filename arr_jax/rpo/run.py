@@ -153,7 +153,9 @@ def build_run(cfg) -> RPORun:
                          f"{cfg.kind} policy")
     evaluator = build_evaluator(cfg, judge, eval_prompts, workdir, judge_rules)
     trainer = RPOTrainer(policy, judge, rpo_settings(cfg.rpo), rules=rules, seed=cfg.seed,
-                         trainable="full" if cfg.rpo.get("full_finetune", False) else "lora")
+                         trainable="full" if cfg.rpo.get("full_finetune", False) else "lora",
+                         order_check_pairs=cfg.judge.get("order_check_pairs", 4),
+                         order_flip_warn=cfg.judge.get("order_flip_warn", 0.3))
     return RPORun(cfg=cfg, policy=policy, trainer=trainer, judge=judge, evaluator=evaluator,
                   train_prompts=train_prompts, eval_prompts=eval_prompts, workdir=workdir)
 
@@ -235,9 +237,7 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
     history: list[dict] = []
     if ckpt.latest_step() is not None:
         _check_rubric(ckpt, run)
-        state, extra = ckpt.restore(trainer.state_dict())
-        trainer.load_state_dict(state)
-        history = list(extra.get("history", []))
+        history = restore_checkpoint(ckpt, trainer)
         if run.is_writer:
             print(f"resumed RPO from iteration {trainer.iteration} ({work / 'checkpoints'})")
     if run.is_writer:
@@ -291,7 +291,7 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         bar.update(1)
         bar.set_postfix(_postfix(m, history))
         if (it + 1) % r.checkpoint_every == 0 or it + 1 == r.iterations:
-            ckpt.save(it + 1, trainer.state_dict(), extra={"history": history}, force=True)
+            save_checkpoint(ckpt, trainer, history)
             export_lora(run, f"step_{it + 1}", it + 1)
     bar.close()
     ckpt.wait()
@@ -313,6 +313,21 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         save_curves(work / "curves.png", history, CURVE_KEYS, f"ARR-RPO: {cfg.kind} policy")
         _write_report(run, history, final, time.perf_counter() - t_start)
     return history
+
+
+def save_checkpoint(ckpt, trainer: RPOTrainer, history: list[dict]) -> None:
+    """Checkpoint after iteration ``trainer.iteration``: the trainer's arrays (`RPOTrainer.state_dict`)
+    and, as JSON, the metric history and its host state (`RPOTrainer.host_state`: order-flip counts)."""
+    ckpt.save(trainer.iteration, trainer.state_dict(), extra={"history": history, "trainer": trainer.host_state()},
+              force=True)
+
+
+def restore_checkpoint(ckpt, trainer: RPOTrainer) -> list[dict]:
+    """Load the latest checkpoint of `save_checkpoint` into ``trainer``; returns the metric history."""
+    state, extra = ckpt.restore(trainer.state_dict())
+    trainer.load_state_dict(state)
+    trainer.load_host_state(extra.get("trainer", {}))
+    return list(extra.get("history", []))
 
 
 def judge_failures(m: dict) -> float:

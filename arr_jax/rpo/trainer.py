@@ -308,6 +308,18 @@ class RPOTrainer:
             d["reference"] = self.ref_trainable
         return d
 
+    def host_state(self) -> dict:
+        """JSON-able state resume needs beside `state_dict` (saved in the checkpoint's ``extra``): the
+        order-flip check's counts over the run so far, so a resumed run neither forgets them nor
+        warns a second time."""
+        return {"order_flips": dict(self.order_flips)}
+
+    def load_host_state(self, d: dict) -> None:
+        """Restore `host_state` (missing keys, e.g. from an older checkpoint, keep the fresh values)."""
+        if "order_flips" in d:
+            f = d["order_flips"]
+            self.order_flips = {"flips": float(f["flips"]), "pairs": float(f["pairs"]), "warned": bool(f["warned"])}
+
     def load_state_dict(self, d: dict) -> None:
         self.trainable, self.opt_state, self.key = d["trainable"], d["opt_state"], d["rng"]
         self.iteration = int(d["iteration"])
