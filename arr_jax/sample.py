@@ -191,6 +191,17 @@ def _batch_note(cfg, size: int) -> None:
              f"mesh's data-parallel devices); --config.sample.batch_size={size} would use them all")
 
 
+def _first_batch(lo: int):
+    """The first batch encodes its prompts and compiles the sampler and the decoder: it says so, with
+    its seconds (`arr_jax.progress.stage`); later batches are counted by the sampling bar."""
+    import contextlib
+
+    from arr_jax.progress import stage
+
+    return stage("first batch: encoding its prompts, compiling the sampler and the decoder") if lo == 0 \
+        else contextlib.nullcontext()
+
+
 def benchmark_sample_fn(cfg, pipe):
     """``(prompts, seeds) -> uint8 (B, H, W, 3)`` with ``cfg.sample``'s sampler (ODE; or the SDE, whose
     step noise comes from ``cfg.seed`` and the batch's first seed)."""
@@ -281,12 +292,14 @@ def run(cfg) -> list[Path]:
                                  f"use sample.batch_size=1 or same-size sources")
             src = np.stack(loaded)
         kw = dict(height=s.height or None, width=s.width or None, guidance=s.guidance, seeds=seeds, sources=src)
-        if s.sampler == "ode":
-            imgs = pipe.sample(ps, num_steps=s.num_steps, **kw).images
-        elif s.sampler == "sde":
-            _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), num_steps=s.num_steps, eta=s.eta, **kw)
-        else:
-            raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+        with _first_batch(lo):
+            if s.sampler == "ode":
+                imgs = pipe.sample(ps, num_steps=s.num_steps, **kw).images
+            elif s.sampler == "sde":
+                _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), num_steps=s.num_steps, eta=s.eta, **kw)
+            else:
+                raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+            imgs = np.asarray(imgs)
         for (i, sd), noise_seed, im in zip(batch, seeds, to_uint8(imgs)[: len(batch)]):
             name = f"{i:05d}_s{sd}.png"
             Image.fromarray(im).save(out / name)
@@ -416,13 +429,15 @@ def run_qwen_image(cfg) -> list[Path]:
         seeds = [sd * 100_003 + i for i, sd in batch_p]
         src = [[load_image(x) for x in sources[i]] for i, _ in batch_p] if sources else None
         kw = dict(height=s.height or None, width=s.width or None, seeds=seeds)
-        if s.sampler == "ode":
-            imgs = pipe.sample(ps, src, num_steps=s.num_steps, negative_prompt=neg, true_cfg_scale=s.true_cfg_scale,
-                               **kw).images
-        elif s.sampler == "sde":
-            _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), src, num_steps=s.num_steps, eta=s.eta, **kw)
-        else:
-            raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+        with _first_batch(lo):
+            if s.sampler == "ode":
+                imgs = pipe.sample(ps, src, num_steps=s.num_steps, negative_prompt=neg,
+                                   true_cfg_scale=s.true_cfg_scale, **kw).images
+            elif s.sampler == "sde":
+                _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), src, num_steps=s.num_steps, eta=s.eta, **kw)
+            else:
+                raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+            imgs = np.asarray(imgs)
         for (i, sd), noise_seed, im in zip(batch, seeds, to_uint8(imgs)[: len(batch)]):
             name = f"{i:05d}_s{sd}.png"
             Image.fromarray(im).save(out / name)

@@ -236,7 +236,7 @@ def test_sample_accepts_qwen_image_and_train_says_why_not():
         validate(cfg, "train")
 
 
-def test_kontext_sample_with_fewer_prompts_than_devices(tmp_path):
+def test_kontext_sample_with_fewer_prompts_than_devices(tmp_path, capsys, monkeypatch):
     """One edit on the 8-device mesh with the config's batch size (2): the batch is padded to the mesh
     (as the trainer pads), and each written edit is the one a batch of its own gives."""
     pytest.importorskip("diffusers")
@@ -258,7 +258,16 @@ def test_kontext_sample_with_fewer_prompts_than_devices(tmp_path):
                     cache_dir=str(tmp_path / "cache"), prompts_file=str(tmp_path / "edit.txt"),
                     sources_file=str(tmp_path / "sources.txt"))
     assert cfg.sample.batch_size < 8 and cfg.sample.images_per_prompt == 1
+    monkeypatch.delenv("ARR_JAX_QUIET", raising=False)
+    capsys.readouterr()
     written = sample.run(cfg)  # was IndivisibleError: shape=[2,1,1,1,4] vs data=8
+    err = capsys.readouterr().err.splitlines()
+    assert f"loading the flux_kontext weights from {tmp_path / 'kontext'} ..." in err
+    assert "each batch of sample.batch_size=2 prompts is padded to 8 rows (the mesh's data-parallel devices); " \
+           "--config.sample.batch_size=8 would use them all" in err
+    assert [re.sub(r"\d+\.\d", "S", line) for line in err if line.startswith("first batch")] == [
+        "first batch: encoding its prompts, compiling the sampler and the decoder ...",
+        "first batch: encoding its prompts, compiling the sampler and the decoder: done in S s"]
     assert [p.name for p in written] == ["00000_s0.png", "00001_s0.png", "00002_s0.png", "grid.png"]
     index = json.loads((written[0].parent / "samples.json").read_text())["images"]
     assert [v["prompt"] for v in index.values()] == ["make it red", "make it blue", "make it green"]
