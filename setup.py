@@ -20,6 +20,7 @@ CORE = [
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
+    "tensorboard==2.21.0",          # the `tensorboard --logdir` viewer the README and the runs point at
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     "jinja2==3.1.6",           # chat templates of judge snapshots (arr_jax.judge.chat_template)

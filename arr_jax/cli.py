@@ -1,38 +1,136 @@
-"""Command-line plumbing shared by the entry points: ``--config`` file + overrides, validation."""
+"""Command-line plumbing shared by the entry points: ``--config`` file + overrides, validation, and
+the one-line messages of the commonest mistakes (a missing config file, a mistyped key, a rubric file
+not made yet, an API judge without a model).
+
+    python -m arr_jax.cli configs/demo.py:tiny [rpo]    # every key of a config: default and a line of help
+"""
 from __future__ import annotations
 
+import difflib
+import os
+import re
+import sys
 from pathlib import Path
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+_CONFIGS = ROOT / "configs"
 # Each entry point's embedded default config (``python -m arr_jax.<entry>`` with no --config).
 _DEFAULTS = {"induce": "induce_world.py", "evaluate": "evaluate_world.py", "preflight": "flux_dev_t2i.py"}
+# What `sample` can draw; `train` takes `arr_jax.policies.KINDS`.
+SAMPLE_KINDS = ("flux", "flux_kontext", "qwen_image_edit", "qwen_image")
 
 
-def _default_config() -> str:
+def entry_name() -> str:
+    """The running entry point (``train`` for ``python -m arr_jax.train``), "" outside one."""
     import __main__
 
     spec = getattr(__main__, "__spec__", None)
-    entry = (spec.name if spec is not None else "").rsplit(".", 1)[-1]
-    return str(_CONFIGS / _DEFAULTS.get(entry, "demo.py"))
+    return (spec.name if spec is not None else "").rsplit(".", 1)[-1]
+
+
+def _default_config() -> str:
+    return str(_CONFIGS / _DEFAULTS.get(entry_name(), "demo.py"))
 
 
 _DEFAULT = _default_config()
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "experiment config file (configs/*.py[:variant])",
                                           lock_config=True)
+_SPEC: list[str] = []  # the --config argument as the user typed it (for hints)
+
+
+def load_config(spec: str):
+    """``get_config(variant)`` of ``FILE[:variant]``, what ``--config FILE[:variant]`` gives."""
+    import importlib.util
+
+    file, _, variant = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location(f"_arr_cfg_{Path(file).stem}", file)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def _leaf_keys(cfg, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        out.append(prefix + k)
+        if hasattr(v, "items") and not isinstance(v, dict):
+            out += _leaf_keys(v, prefix + k + ".")
+    return out
+
+
+def config_file_error(spec: str, cwd: str | Path | None = None) -> str | None:
+    """The one-line message for a ``--config`` file that does not exist (None when it does); a
+    relative path that exists beside this package gets its absolute form."""
+    file = spec.partition(":")[0]
+    p = Path(cwd or os.getcwd()) / file
+    if p.is_file():
+        return None
+    msg = f"--config {spec}: no such file {p}"
+    for cand in (ROOT / file, _CONFIGS / Path(file).name):
+        if not Path(file).is_absolute() and cand.is_file():
+            rest = spec[len(file):]
+            return msg + f" (paths are relative to the current directory): pass --config {cand}{rest}"
+    return msg + f" (the shipped configs are in {_CONFIGS})"
+
+
+def unknown_key_error(spec: str, overrides: list[str]) -> str:
+    """The one-line message for the first of ``overrides`` (``--config.<key>=...`` arguments) that
+    names no key of config ``spec``, with the closest keys."""
+    keys = []
+    try:
+        keys = _leaf_keys(load_config(spec))
+    except Exception:  # noqa: BLE001 - the message without suggestions
+        pass
+    given = [a.split("=", 1)[0][len("--config."):] for a in overrides if a.startswith("--config.")]
+    key = next((k for k in given if k not in keys), given[0] if given else "?")
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if not close:  # the right leaf under another section
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:3]
+    hint = f"; did you mean {' or '.join('--config.' + c for c in close)}?" if close else ""
+    return f"--config.{key}: {spec} has no key {key!r}{hint} (`python -m arr_jax.cli {spec}` lists every key)"
+
+
+def _user_flag_errors() -> None:
+    """Make the --config flag's parse errors one line: absl prints a ``flags.Error`` as ``FATAL Flags
+    parsing error: ...`` without a traceback, where ml_collections raises AttributeError / OSError."""
+    flag = flags.FLAGS["config"]
+    parse = flag._parse
+
+    def checked(argument):
+        _SPEC[:] = [str(argument)]
+        msg = config_file_error(str(argument))
+        if msg:
+            raise flags.IllegalFlagValueError(msg)
+        try:
+            return parse(argument)
+        except (AttributeError, KeyError):
+            raise flags.IllegalFlagValueError(unknown_key_error(str(argument), sys.argv[1:])) from None
+
+    flag._parse = checked
+
+
+_user_flag_errors()
+
+
+def config_spec() -> str:
+    """The ``--config`` argument of this command as typed (the entry's default when none was)."""
+    return _SPEC[0] if _SPEC else _DEFAULT
 
 
 def config_from_flags():
-    """The parsed config; ``lock_config`` makes an unknown override key an error naming the key."""
+    """The parsed config, validated (`validate`) and its input files checked (`check_inputs`)."""
     cfg = _CONFIG.value
-    validate(cfg)
+    validate(cfg, entry_name())
+    check_inputs(cfg, entry_name(), config_spec())
     return cfg
 
 
-def validate(cfg) -> None:
-    """Value checks that ml_collections' type checks don't cover; errors name the key."""
+def validate(cfg, entry: str = "") -> None:
+    """Value checks that ml_collections' type checks don't cover; errors name the key. ``entry``: the
+    entry point (``train``, ``sample``, ...; "" checks as for training)."""
     def need(ok, key, msg):
         if not ok:
             raise ValueError(f"bad config value {key}: {msg}")
@@ -66,10 +164,129 @@ def validate(cfg) -> None:
         need(cfg.judge.prompt_rubrics in ("off", "generate"), "judge.prompt_rubrics",
              f"{cfg.judge.prompt_rubrics!r} is not 'off' or 'generate'")
         need(0 <= cfg.judge.max_failure_fraction <= 1, "judge.max_failure_fraction", "must be in [0, 1]")
+        need(cfg.judge.get("order_check_pairs", 0) >= 0, "judge.order_check_pairs", "must be >= 0 (0: no check)")
+        need(0 <= cfg.judge.get("order_flip_warn", 0) <= 1, "judge.order_flip_warn", "must be in [0, 1]")
     if "kind" in cfg and "rpo" in cfg:
         from arr_jax.policies import KINDS
 
-        need(cfg.kind in KINDS, "kind", f"{cfg.kind!r} is not one of {sorted(KINDS)}")
+        kinds = SAMPLE_KINDS if entry == "sample" else sorted(KINDS)
+        why = "" if entry == "sample" or cfg.kind not in SAMPLE_KINDS else " (it is for `python -m arr_jax.sample`)"
+        need(cfg.kind in kinds, "kind", f"{cfg.kind!r} is not one of {list(kinds)}{why}")
+
+
+# ------------------------------------------------------------------------------ input files and hints
+
+def _same(a, b) -> bool:
+    return Path(a).absolute().resolve() == Path(b).absolute().resolve()
+
+
+def _shown(spec_file: Path, variant: str) -> str:
+    shown = str(spec_file)
+    if spec_file.is_absolute() and spec_file.is_relative_to(Path.cwd()):
+        shown = str(spec_file.relative_to(Path.cwd()))
+    return shown + (f":{variant}" if variant else "")
+
+
+def rubric_maker(path: str | Path, spec: str = "") -> str | None:
+    """The ``python -m arr_jax.induce --config ...`` command whose output is rubric file ``path``:
+    the config in use (``spec``) when it has an ``induce`` section writing there, else a shipped
+    config (``configs/*.py``, the same variant first); None when none writes there."""
+    file, _, variant = spec.partition(":")
+    cands = [(Path(file), variant)] if file else []
+    for f in sorted(_CONFIGS.glob("*.py")):
+        for v in dict.fromkeys([variant, "", "tiny", "api", "qwen3_vl"]):
+            cands.append((f, v))
+    for f, v in cands:
+        try:
+            c = load_config(f"{f}:{v}" if v else str(f))
+        except Exception:  # noqa: BLE001 - not a config with this variant
+            continue
+        if "induce" in c and "workdir" in c.induce:
+            out = Path(c.induce.workdir) / "rubric.txt"
+        elif "induction" in c and "workdir" in c:
+            out = Path(c.workdir) / "rubric.txt"
+        else:
+            continue
+        if _same(out, path):
+            if file and f != Path(file) and _same(Path(file).parent, f.parent):
+                f = Path(file).parent / f.name  # beside the config in use, as the user wrote it
+            return f"python -m arr_jax.induce --config {_shown(f, v)}"
+    return None
+
+
+def missing_rubric_error(path: str, key: str, spec: str, entry: str) -> str:
+    """One line for rubric file ``path`` (config key ``key``) not existing: the command that makes
+    it, and how to go without."""
+    make = rubric_maker(path, spec)
+    if make is None:
+        make = (f"python -m arr_jax.induce --config configs/induce_world.py:api --config.data.path=<your pairs.jsonl> "
+                f"--config.workdir={Path(path).parent}")
+    without = ("--config.conditions=direct to evaluate the judge without a rubric" if entry == "evaluate"
+               else f"--config.{key}='' to judge without a rubric (the paper's direct judge)")
+    return (f"bad config value {key}: rubric file {path} does not exist; make it with `{make}` "
+            f"(it writes {path}), or pass --config.{key}=<a rubric.txt>, or {without}")
+
+
+def _rubric_exists(path: str) -> bool:
+    p = Path(path)
+    return p.exists() or p.with_suffix(".json").exists() or p.with_suffix(".txt").exists()
+
+
+def check_inputs(cfg, entry: str = "", spec: str = "") -> None:
+    """Checks of what a config points at, before anything is built: rubric files that must exist
+    (with the command that makes them) and API judges without a model. Errors are ``ValueError`` /
+    ``FileNotFoundError`` naming the key of ``cfg`` to set, with hints made from this config."""
+    spec = spec or config_spec()
+    if entry == "evaluate" and "rubric" in cfg and "rubric" in tuple(cfg.get("conditions", ())):
+        if not cfg.rubric:
+            raise ValueError("bad config value rubric: empty, but conditions include 'rubric'; pass "
+                             "--config.rubric=<a rubric.txt> or --config.conditions=direct")
+        if not _rubric_exists(cfg.rubric):
+            raise FileNotFoundError(missing_rubric_error(cfg.rubric, "rubric", spec, entry))
+    judges = []
+    if entry not in ("demo", "sample", "induce", "evaluate", "pretrain") and "judge" in cfg and "kind" in cfg.judge:
+        judges.append(("judge", cfg.judge))
+        if "eval" in cfg and cfg.eval.get("judge", None) is not None and cfg.eval.judge.get("kind", ""):
+            judges.append(("eval.judge", cfg.eval.judge))
+    for key, j in judges:
+        if j.get("rubric", "") and not _rubric_exists(j.rubric):
+            raise FileNotFoundError(missing_rubric_error(j.rubric, f"{key}.rubric", spec, entry))
+        if j.kind == "api" and not (j.get("model", "") or j.api.get("model", "") or os.environ.get("ARR_API_MODEL")):
+            raise ValueError(f"bad config value {key}.model: {key}.kind is 'api' but no model is named; pass "
+                             f"--config.{key}.model=<model, e.g. gpt-5> or set ARR_API_MODEL")
+    if entry in ("induce", "evaluate") and "backend" in cfg and cfg.backend.get("kind", "") == "openai":
+        if not (cfg.backend.openai.get("model", "") or os.environ.get("ARR_API_MODEL")):
+            raise ValueError("bad config value backend.openai.model: backend.kind is 'openai' but no model is named; "
+                             "pass --config.backend.openai.model=<model, e.g. gpt-5> or set ARR_API_MODEL")
+
+
+def describe_keys(spec: str, grep: str = "") -> str:
+    """Every key of config ``spec`` (``FILE[:variant]``) with its default and, where the config's
+    source has one, the comment on the line that sets it; ``grep`` keeps the keys containing it."""
+    cfg = load_config(spec)
+    sources = [Path(spec.partition(":")[0])] + sorted(_CONFIGS.glob("*.py")) + [ROOT / "arr_jax/judge/factory.py"]
+    dotted: dict[str, str] = {}  # "c.rpo.eta = 0.7  # ..." -> rpo.eta
+    leaves: dict[str, str] = {}  # "k=2,  # ..." (a keyword of a section helper) -> k
+    for src in sources:
+        for line in src.read_text().splitlines() if src.is_file() else []:
+            m = re.match(r"\s*c\.([\w.]+)\s*=[^=#\n][^#\n]*#\s*(.+)$", line)
+            if m:
+                dotted.setdefault(m.group(1), m.group(2).strip())
+                continue
+            for m in re.finditer(r"\b(\w+)\s*=[^=#\n][^#\n]*#\s*(.+)$", line):
+                leaves.setdefault(m.group(1), m.group(2).strip())
+    lines = [f"keys of {spec} (override any with --config.<key>=<value>):"]
+    for key in _leaf_keys(cfg):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if hasattr(node, "items") and not isinstance(node, dict):
+            continue
+        if grep and grep not in key:
+            continue
+        doc = dotted.get(key) or leaves.get(key.rsplit(".", 1)[-1], "")
+        lines.append(f"  {key} = {node!r}" + (f"    # {doc}" if doc else ""))
+    return "\n".join(lines)
 
 
 class _QuietLibraries:
@@ -252,3 +469,14 @@ def run_main(main) -> None:
             raise
 
     app.run(wrapped)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python -m arr_jax.cli CONFIG[:variant] [FILTER]\n  lists the config's keys with their defaults and "
+              "help; override any with --config.<key>=<value>")
+        sys.exit(0)
+    if config_file_error(sys.argv[1]):
+        print(f"error: {config_file_error(sys.argv[1])}", file=sys.stderr)
+        sys.exit(2)
+    print(describe_keys(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""))

@@ -40,8 +40,13 @@ def run(cfg) -> dict:
         if key not in cfg:
             raise ValueError(f"config has no '{key}' key: pass --config configs/evaluate_world.py (or your own)")
     t0 = time.perf_counter()
+    from arr_jax.progress import stage
+
     pairs = make_pairs(cfg.data)
-    judge = make_judge(cfg)
+    sub = cfg.backend.get(cfg.backend.kind, None) or {}
+    model = sub.get("model_dir", "") or sub.get("model", "")
+    with stage(f"loading the {cfg.backend.kind} judge" + (f" ({model})" if model else "")):
+        judge = make_judge(cfg)
     rubrics, rubric_info = {}, None
     for cond in cfg.conditions:
         if cond == "direct":

@@ -8,9 +8,14 @@ one PNG per image plus a grid.
     python -m arr_jax.sample --config configs/qwen_image_edit.py --config.model_dir=/path/to/Qwen-Image-Edit-2509 \
         --config.prompts_file=edits.jsonl
 
-Writes ``outdir/00000_s0.png`` ... (prompt index, seed), ``outdir/grid.png`` and
-``outdir/samples.json`` (file -> prompt, seed, source). Prompt embeddings are cached in
-``cache_dir``, so a rerun on the same prompts skips T5/CLIP.
+Each run writes into its own folder under ``outdir``, named by what it is (`run_dir`):
+``<lora>_<sampler><steps>_seed<seed>`` (``base_ode30_seed0``, ``flux_rpo-final_ode30_seed0`` for
+``runs/flux_rpo/lora/final.safetensors``; ``-2``, ``-3`` ... when that name holds another run's
+samples), so base and LoRA samples in one ``outdir`` never overwrite each other. In it:
+``00000_s0.png`` ... (prompt index, seed), ``grid.png`` (editing: each source beside its edit) and
+``samples.json`` (``settings``: model, LoRA, sampler, steps, guidance, seed, size, prompts file;
+``images``: file -> prompt, seed, source). Prompt embeddings are cached in ``cache_dir``, so a rerun
+on the same prompts skips T5/CLIP.
 
 The paper's generation benchmarks, in the layouts their own scorers read (`arr_jax.data.benchmarks`):
 
@@ -87,6 +92,56 @@ def load_image(path: str | Path) -> np.ndarray:
     return to_rgb_uint8(path)
 
 
+def run_settings(cfg) -> dict:
+    """What a sampling run is, as recorded in ``samples.json`` and compared by `run_dir`."""
+    s = cfg.sample
+    out = {"kind": cfg.kind, "model_dir": str(cfg.model_dir), "lora_path": str(cfg.lora_path or ""),
+           "prompts_file": str(cfg.prompts_file), "sources_file": str(cfg.get("sources_file", "") or ""),
+           "sampler": s.sampler, "num_steps": int(s.num_steps), "seed": int(cfg.seed),
+           "images_per_prompt": int(s.images_per_prompt), "height": int(s.height or 0), "width": int(s.width or 0)}
+    for k in ("guidance", "eta", "true_cfg_scale", "negative_prompt"):
+        if k in s:
+            out[k] = s[k]
+    return out
+
+
+def run_dir(outdir: str | Path, settings: dict) -> Path:
+    """``outdir/<lora>_<sampler><steps>_seed<seed>``: this run's folder; a folder of that name holding
+    another run's ``samples.json`` (other settings) is kept, and ``-2``, ``-3`` ... is used instead."""
+    lora = settings["lora_path"]
+    if not lora:
+        tag = "base"
+    else:
+        lp = Path(lora)
+        tag = f"{lp.parent.parent.name}-{lp.stem}" if lp.parent.name == "lora" and lp.parent.parent.name else lp.stem
+    name = f"{tag}_{settings['sampler']}{settings['num_steps']}_seed{settings['seed']}"
+    for n in range(1, 10_000):
+        d = Path(outdir) / (name if n == 1 else f"{name}-{n}")
+        f = d / "samples.json"
+        if not f.exists():
+            return d
+        try:
+            if json.loads(f.read_text()).get("settings") == json.loads(json.dumps(settings)):
+                return d  # a rerun of the same run
+        except (ValueError, AttributeError):
+            pass
+    raise ValueError(f"outdir {outdir}: too many sampling runs named {name}")
+
+
+def beside(source: np.ndarray | list, image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W', 3): the source image(s), each resized to height H, left of ``image`` (H, W, 3)."""
+    from PIL import Image
+
+    h = image.shape[0]
+    srcs = source if isinstance(source, list) else [source]
+    parts = []
+    for im in srcs:
+        im = np.asarray(im if isinstance(im, np.ndarray) else load_image(im))
+        w = max(1, round(im.shape[1] * h / im.shape[0]))
+        parts.append(np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)))
+    return np.concatenate(parts + [np.full((h, 2, 3), 255, np.uint8), image], axis=1)
+
+
 def make_grid(images: np.ndarray, cols: int) -> np.ndarray:
     """uint8 (n, H, W, 3) -> one (rows*H, cols*W, 3) tiling (blank tail)."""
     n, h, w, c = images.shape
@@ -105,10 +160,46 @@ def build_pipeline(cfg):
     from arr_jax.policies.flux import load_pipeline
     from arr_jax.rpo.run import mesh_rules
 
-    pipe = load_pipeline(cfg, mesh_rules(cfg)[0], lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
-    if cfg.lora_path:
-        load_peft_lora(pipe.transformer, cfg.lora_path)
+    from arr_jax.progress import stage
+
+    with stage(f"loading the {cfg.kind} weights from {cfg.model_dir}" + (f" and the LoRA {cfg.lora_path}"
+                                                                         if cfg.lora_path else "")):
+        pipe = load_pipeline(cfg, mesh_rules(cfg)[0], lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
+        if cfg.lora_path:
+            load_peft_lora(pipe.transformer, cfg.lora_path)
     return pipe
+
+
+def mesh_batch(rules, batch_size: int) -> int:
+    """The rows one sampling program runs: ``batch_size`` rounded up to a multiple of the devices the
+    batch axis is sharded over (``rules.rules["batch"]``, e.g. data x fsdp; 1 without a mesh), so a
+    batch always divides the mesh. Each batch holds ``batch_size`` jobs, padded (as the trainer pads
+    its evaluation batches) by repeating its last job; the padding rows are computed and dropped."""
+    if rules is None or rules.mesh is None:
+        return int(batch_size)
+    axes = rules.rules.get("batch")
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    n = int(np.prod([rules.mesh.shape[a] for a in axes]))
+    return -(-int(batch_size) // n) * n
+
+
+def _batch_note(cfg, size: int) -> None:
+    if size != cfg.sample.batch_size:
+        from arr_jax.progress import note
+
+        note(f"each batch of sample.batch_size={cfg.sample.batch_size} prompts is padded to {size} rows (the "
+             f"mesh's data-parallel devices); --config.sample.batch_size={size} would use them all")
+
+
+def _first_batch(lo: int):
+    """The first batch encodes its prompts and compiles the sampler and the decoder: it says so, with
+    its seconds (`arr_jax.progress.stage`); later batches are counted by the sampling bar."""
+    import contextlib
+
+    from arr_jax.progress import stage
+
+    return stage("first batch: encoding its prompts, compiling the sampler and the decoder") if lo == 0 \
+        else contextlib.nullcontext()
 
 
 def benchmark_sample_fn(cfg, pipe):
@@ -178,14 +269,17 @@ def run(cfg) -> list[Path]:
     s = cfg.sample
     pipe = build_pipeline(cfg)
     jobs = [(i, cfg.seed + k) for i in range(len(prompts)) for k in range(s.images_per_prompt)]
-    out = Path(cfg.outdir)
+    settings = run_settings(cfg)
+    out = run_dir(cfg.outdir, settings)
     out.mkdir(parents=True, exist_ok=True)
     written, images, index = [], [], {}
     key = jax.random.key(cfg.seed)
+    size = mesh_batch(pipe.rules, s.batch_size)
+    _batch_note(cfg, size)
     for lo in tqdm(range(0, len(jobs), s.batch_size), desc="sampling", unit="batch", dynamic_ncols=True):
         batch = jobs[lo:lo + s.batch_size]
-        pad = s.batch_size - len(batch)
-        batch_p = batch + [batch[-1]] * pad  # one compiled shape
+        pad = size - len(batch)
+        batch_p = batch + [batch[-1]] * pad  # one compiled shape, divisible by the mesh
         ps = [prompts[i] for i, _ in batch_p]
         seeds = [sd * 100_003 + i for i, sd in batch_p]
         src = None
@@ -198,23 +292,25 @@ def run(cfg) -> list[Path]:
                                  f"use sample.batch_size=1 or same-size sources")
             src = np.stack(loaded)
         kw = dict(height=s.height or None, width=s.width or None, guidance=s.guidance, seeds=seeds, sources=src)
-        if s.sampler == "ode":
-            imgs = pipe.sample(ps, num_steps=s.num_steps, **kw).images
-        elif s.sampler == "sde":
-            _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), num_steps=s.num_steps, eta=s.eta, **kw)
-        else:
-            raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+        with _first_batch(lo):
+            if s.sampler == "ode":
+                imgs = pipe.sample(ps, num_steps=s.num_steps, **kw).images
+            elif s.sampler == "sde":
+                _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), num_steps=s.num_steps, eta=s.eta, **kw)
+            else:
+                raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+            imgs = np.asarray(imgs)
         for (i, sd), noise_seed, im in zip(batch, seeds, to_uint8(imgs)[: len(batch)]):
             name = f"{i:05d}_s{sd}.png"
             Image.fromarray(im).save(out / name)
             written.append(out / name)
-            images.append(im)
+            images.append(im if sources is None else beside(src[batch.index((i, sd))], im))
             index[name] = {"prompt": prompts[i], "seed": sd, "noise_seed": noise_seed,
                            "source": None if sources is None else source_names[i]}
     if len({im.shape for im in images}) == 1:
         Image.fromarray(make_grid(np.stack(images), s.grid_cols)).save(out / "grid.png")
         written.append(out / "grid.png")
-    (out / "samples.json").write_text(json.dumps(index, indent=1))
+    (out / "samples.json").write_text(json.dumps({"settings": settings, "images": index}, indent=1))
     st = pipe.stats
     print(f"wrote {len(images)} images to {out} (prompts encoded {st['encoded']}, cache hits {st['cache_hits']}, "
           f"truncated T5 {st['t5_truncated']} / CLIP {st['clip_truncated']})")
@@ -308,41 +404,51 @@ def run_qwen_image(cfg) -> list[Path]:
                 check_image_size(h, w, 16, what=f"source image {x}")
     from arr_jax.rpo.run import mesh_rules
 
+    from arr_jax.progress import stage
+
     rules = mesh_rules(cfg)[0]
-    pipe = load_pipeline(cfg, rules, lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
-    if cfg.lora_path:
-        load_peft_lora(pipe.transformer, cfg.lora_path)
+    with stage(f"loading the {NAMES[kind]} weights from {cfg.model_dir}" + (f" and the LoRA {cfg.lora_path}"
+                                                                            if cfg.lora_path else "")):
+        pipe = load_pipeline(cfg, rules, lora_config_from_file(cfg.lora_path) if cfg.lora_path else None)
+        if cfg.lora_path:
+            load_peft_lora(pipe.transformer, cfg.lora_path)
     s = cfg.sample
     neg = s.negative_prompt or None
     jobs = [(i, cfg.seed + k) for i in range(len(prompts)) for k in range(s.images_per_prompt)]
-    out = Path(cfg.outdir)
+    settings = run_settings(cfg)
+    out = run_dir(cfg.outdir, settings)
     out.mkdir(parents=True, exist_ok=True)
     written, images, index = [], [], {}
     key = jax.random.key(cfg.seed)
+    size = mesh_batch(rules, s.batch_size)
+    _batch_note(cfg, size)
     for lo in tqdm(range(0, len(jobs), s.batch_size), desc="sampling", unit="batch", dynamic_ncols=True):
         batch = jobs[lo:lo + s.batch_size]
-        ps = [prompts[i] for i, _ in batch]
-        seeds = [sd * 100_003 + i for i, sd in batch]
-        src = [[load_image(x) for x in sources[i]] for i, _ in batch] if sources else None
+        batch_p = batch + [batch[-1]] * (size - len(batch))  # one compiled shape, divisible by the mesh
+        ps = [prompts[i] for i, _ in batch_p]
+        seeds = [sd * 100_003 + i for i, sd in batch_p]
+        src = [[load_image(x) for x in sources[i]] for i, _ in batch_p] if sources else None
         kw = dict(height=s.height or None, width=s.width or None, seeds=seeds)
-        if s.sampler == "ode":
-            imgs = pipe.sample(ps, src, num_steps=s.num_steps, negative_prompt=neg, true_cfg_scale=s.true_cfg_scale,
-                               **kw).images
-        elif s.sampler == "sde":
-            _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), src, num_steps=s.num_steps, eta=s.eta, **kw)
-        else:
-            raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
-        for (i, sd), noise_seed, im in zip(batch, seeds, to_uint8(imgs)):
+        with _first_batch(lo):
+            if s.sampler == "ode":
+                imgs = pipe.sample(ps, src, num_steps=s.num_steps, negative_prompt=neg,
+                                   true_cfg_scale=s.true_cfg_scale, **kw).images
+            elif s.sampler == "sde":
+                _, imgs = pipe.rollout(ps, jax.random.fold_in(key, lo), src, num_steps=s.num_steps, eta=s.eta, **kw)
+            else:
+                raise ValueError(f"sample.sampler must be 'ode' or 'sde', got {s.sampler!r}")
+            imgs = np.asarray(imgs)
+        for (i, sd), noise_seed, im in zip(batch, seeds, to_uint8(imgs)[: len(batch)]):
             name = f"{i:05d}_s{sd}.png"
             Image.fromarray(im).save(out / name)
             written.append(out / name)
-            images.append(im)
+            images.append(beside(src[batch.index((i, sd))], im) if src else im)
             index[name] = {"prompt": prompts[i], "seed": sd, "noise_seed": noise_seed,
                            "sources": [str(x) for x in sources[i]] if sources else []}
     if len({im.shape for im in images}) == 1:
         Image.fromarray(make_grid(np.stack(images), s.grid_cols)).save(out / "grid.png")
         written.append(out / "grid.png")
-    (out / "samples.json").write_text(json.dumps(index, indent=1))
+    (out / "samples.json").write_text(json.dumps({"settings": settings, "images": index}, indent=1))
     st = pipe.stats
     print(f"wrote {len(images)} images to {out} (prompts encoded {st['encoded']}, cache hits {st['cache_hits']}, "
           f"truncated {st['truncated']})")

@@ -7,7 +7,10 @@
   numeric fields under their own name, numeric fields one level down as ``parent.child``
   (booleans, strings and deeper levels are left out). CSV keeps full precision; markdown
   rounds to 4 significant digits.
-* ``results.png`` — one metric (``gain`` when the reports have it, else the first number)
+  The markdown table shows the held-out figures (`_HELD_OUT`: gain, accuracies, held-out win
+  rate, tie and order-flip rates, iterations, seconds) when the reports have them.
+* ``results.png`` — one metric (``gain``, else ``rpo_accuracy``, ``eval.accuracy``,
+  ``eval.win_rate`` when the reports have it, else the first number)
   against the first swept key that varies and is not a seed (keys zipped together share the
   axis); one line per combination of the other varying keys; seeds (keys whose last component
   ends in ``seed``) are replicates, shown as faint dots with their mean ± standard error.
@@ -21,7 +24,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-_DEFAULT_METRICS = ("gain", "rpo_accuracy")
+# What a sweep is read for, best first: the demo's held-out gain, a training run's held-out figures.
+_DEFAULT_METRICS = ("gain", "rpo_accuracy", "eval.accuracy", "eval.win_rate")
+# The markdown table's columns when the reports have them (the CSV keeps every number).
+_HELD_OUT = ("gain", "gain_se", "base_accuracy", "rpo_accuracy", "eval.accuracy", "eval.win_rate", "eval.win_rate_se",
+             "eval.tie_rate", "eval.order_flip_rate", "iterations", "steps", "seconds", "seconds_this_run")
 
 
 def flatten_report(report: dict) -> dict[str, float]:
@@ -79,11 +86,13 @@ def write_tables(plan, columns: list[str], rows: list[dict]) -> tuple[Path, Path
         for r in rows:
             w.writerow([_fmt(r["values"].get(k, ""), None) for k in keys] + [r["state"]]
                        + [_fmt(r["metrics"][c], None) if c in r["metrics"] else "" for c in columns] + [r["workdir"]])
+    shown = [c for c in columns if c in _HELD_OUT] or columns  # the held-out figures, not 50 columns
+    md_header = [plan.short[k] for k in keys] + ["state"] + shown
     lines = [f"# Sweep {plan.config_arg} ({len(rows)} points, entry {plan.entry})", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             "| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
     for r in rows:
         cells = ([_fmt(r["values"].get(k, "")) for k in keys] + [r["state"]]
-                 + [_fmt(r["metrics"][c]) if c in r["metrics"] else "" for c in columns])
+                 + [_fmt(r["metrics"][c]) if c in r["metrics"] else "" for c in shown])
         lines.append("| " + " | ".join(cells) + " |")
     (root / "results.md").write_text("\n".join(lines) + "\n")
     return root / "results.csv", root / "results.md"
@@ -170,11 +179,13 @@ def write_plot(plan, rows: list[dict], metric: str, path: Path, plot_x: str = ""
     else:  # zipped keys (or none): every tick names its values
         ax.set_xticklabels(["\n".join(f"{plan.short[k]}={_fmt(x)}" for k, x in zip(x_f, v)) or "all points"
                             for v in xs], fontsize=8)
-    ax.set_ylabel(metric)
+    from arr_jax.rpo.figures import fit_text
+
+    ax.set_ylabel(fit_text(metric, 3.0, 10))
     title = f"{metric} per sweep point"
     if replicate:
         title += " (dots: seeds; marker: mean ± SE)"
-    ax.set_title(title, fontsize=10)
+    ax.set_title(fit_text(title, 5.6, 10), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     if any(series):
         ax.legend(fontsize=8, frameon=False)

@@ -308,11 +308,13 @@ def test_sample_entry_point(tiny, tmp_path):
     written = sample.run(cfg)
     names = sorted(p.name for p in written)
     assert names == ["00000_s0.png", "00001_s0.png", "00002_s0.png", "grid.png"]
-    index = json.loads((tmp_path / "out" / "samples.json").read_text())
-    assert index["00001_s0.png"]["prompt"] == "a blue dog"
+    out = tmp_path / "out" / "base_ode2_seed0"  # each run in its own folder, named by what it is
+    assert {p.parent for p in written} == {out}
+    index = json.loads((out / "samples.json").read_text())
+    assert index["images"]["00001_s0.png"]["prompt"] == "a blue dog" and index["settings"]["num_steps"] == 2
     from PIL import Image
 
-    assert np.asarray(Image.open(tmp_path / "out" / "grid.png")).shape == (64, 64, 3)
+    assert np.asarray(Image.open(out / "grid.png")).shape == (64, 64, 3)
 
 
 # ------------------------------------------------------------------------ text encoders

@@ -180,11 +180,12 @@ def test_sample_entry_point_writes_edits(dirs, tmp_path):
     cfg = _cfg(dirs, prompts_file=str(jobs), outdir=str(tmp_path / "out"))
     written = sample.run_qwen_image(cfg)
     assert sorted(p.name for p in written) == ["00000_s0.png", "00001_s0.png"]  # sizes differ: no grid
-    index = json.loads((tmp_path / "out" / "samples.json").read_text())
-    assert len(index["00001_s0.png"]["sources"]) == 2
+    out = written[0].parent  # this run's own folder under outdir
+    index = json.loads((out / "samples.json").read_text())
+    assert len(index["images"]["00001_s0.png"]["sources"]) == 2
     # the output takes vae_area (64^2) at the last source's aspect ratio, as diffusers does
-    assert np.asarray(Image.open(tmp_path / "out" / "00000_s0.png")).shape == (32, 96, 3)
-    assert np.asarray(Image.open(tmp_path / "out" / "00001_s0.png")).shape == (64, 64, 3)
+    assert np.asarray(Image.open(out / "00000_s0.png")).shape == (32, 96, 3)
+    assert np.asarray(Image.open(out / "00001_s0.png")).shape == (64, 64, 3)
 
 
 def test_sample_bad_inputs_are_named(dirs, tmp_path):

@@ -346,7 +346,14 @@ def test_sigkill_resume_gives_the_same_lora_and_another_rubric_is_refused(tmp_pa
              cwd=tmp_path, devices=1))
     judge = [f"--config.judge.rubric={rubric / 'rubric' / 'rubric.txt'}"]
     a = tmp_path / "a"
-    _ok(_run("arr_jax.train", _demo_args(tmp_path, a, *iters, *judge), cwd=tmp_path, devices=1))
+    out = _ok(_run("arr_jax.train", _demo_args(tmp_path, a, *iters, *judge), cwd=tmp_path, devices=1))
+    # progress a person can see: loading, compiling each program with its seconds, waiting on the judge
+    lines = out.splitlines()
+    assert f"loading the world policy's weights from {tmp_path / 'base.safetensors'} ..." in lines, out
+    assert re.search(r"^loading the world judge: done in \d+\.\d s$", out, re.M), out
+    for prog in ("rollout", "decode", "reference", "update"):
+        assert len(re.findall(rf"^compiled {prog} in \d+\.\d s$", out, re.M)) == 1, out
+    assert re.search(r"^judging the first 4 pairs \(.+\): done in \d+\.\d s$", out, re.M), out
     b = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, "-m", "arr_jax.train", *_demo_args(tmp_path, b, *iters, *judge)],
                             cwd=tmp_path, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -569,7 +576,7 @@ def test_every_documented_command_parses():
             config_flags.DEFINE_config_file("config", default, "", flag_values=fv, lock_config=True,
                                             sys_argv=["prog"] + args)
             fv(["prog"] + args)
-            validate(fv.config)
+            validate(fv.config, module.rsplit(".", 1)[1])
         except Exception as e:  # noqa: BLE001 - name the command in the failure
             raise AssertionError(f"{where}: {e}") from e
         parsed += 1

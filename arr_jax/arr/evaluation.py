@@ -264,7 +264,9 @@ def bar_chart(report: dict, path: str | Path) -> None:
         ax.set_ylim(0, 122)
         ax.legend(fontsize=7, ncol=len(conds), loc="upper center")
         ax.set_title("avg per category", fontsize=9)
-    fig.suptitle(report.get("title", ""), fontsize=9)
+    from arr_jax.rpo.figures import fit_text
+
+    fig.suptitle(fit_text(report.get("title", ""), fig.get_figwidth() - 0.3, 9), fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -185,7 +185,8 @@ def judge_config(**overrides):
     at once across pairs and both orders. ``api.check`` checks the endpoint, key, model and
     log-prob support at start-up. ``model_dir`` (qwen3_vl) / ``model`` (api): the
     judge model; ``max_failure_fraction``: the share of pairs of one iteration whose judgement
-    may fail (counted, judged as ties) before the run stops with a message.
+    may fail (counted, judged as ties) before the run stops with a message; ``order_check_pairs`` /
+    ``order_flip_warn``: the trainer's order-flip check of a one-order judge (`RPOTrainer.order_check`).
     """
     import ml_collections
 
@@ -193,6 +194,8 @@ def judge_config(**overrides):
         kind="world", rubric="", symmetrize="off", prompt_rubrics="off", prompt_rubrics_k=5,
         prompt_rubrics_dir="", mode="pairwise", choice_scores=True, model_dir="", model="",
         max_failure_fraction=0.1,
+        order_check_pairs=4,  # pairs per iteration a one-order judge also judges swapped (order-flip rate); 0: off
+        order_flip_warn=0.3,  # warn once when the run's order-flip rate is above this (set judge.symmetrize)
         world=dict(default_criteria=("colour", "shape"), tie_break="first"),
         api=dict(model="", endpoint="", api_key_env="OPENAI_API_KEY", timeout=120.0, max_retries=5,
                  backoff=1.0, concurrency=8, cache_dir="runs/api_cache", temperature=0.0, max_tokens=0,

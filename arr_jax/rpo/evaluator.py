@@ -8,8 +8,8 @@ image with the base image of the same prompt and seed in both orders. Per pair t
 positional bias cancels. Reported: ``eval/win_rate`` with its standard error, ``eval/tie_rate``
 (pairs left undecided after both orders), ``eval/order_flip_rate`` (the two orders named
 different winners) and judge failures; an image grid (a base row and a current row, same prompts
-and seeds) as PNG and in TensorBoard. Kind-specific checks (the world's rubric criteria) come
-from ``criteria_fn``.
+and seeds; for edits a source row above them) as PNG and in TensorBoard. Kind-specific checks (the
+world's rubric criteria) come from ``criteria_fn``.
 """
 from __future__ import annotations
 
@@ -125,11 +125,22 @@ class Evaluator:
 
     def save_grid(self, base: np.ndarray, cur: np.ndarray, local: np.ndarray, iteration: int) -> Path:
         """Base row over current row, one column per shown prompt (its first seed among this
-        process's images)."""
+        process's images); for edits a source row on top, so each edit is shown under its source.
+
+        base, cur: uint8 (n_local, H, W, 3) in the order of ``local`` (this process's item indices).
+        Returns ``<outdir>/eval_<iteration:05d>.png``."""
         from arr_jax.rpo.figures import save_grid
 
         first = [j for j, i in enumerate(local) if i % self.k == 0]  # positions of each prompt's first seed
         pick = [first[int(t)] for t in np.linspace(0, len(first) - 1, min(self.grid_prompts, len(first))).round()]
-        title = f"held-out prompts, same seeds: base (LoRA off) vs policy after {iteration} iterations"
-        return save_grid(self.outdir / f"eval_{iteration:05d}.png", [base[pick], cur[pick]],
-                         ["base", f"RPO {iteration}"], title, col_labels=[self.items[local[j]].text for j in pick])
+        shown = [self.items[local[j]] for j in pick]
+        rows, labels = [base[pick], cur[pick]], ["base", f"RPO {iteration}"]
+        what = "prompts"
+        if any(it.source is not None for it in shown):  # an editing run: what each edit started from
+            blank = np.full_like(base[0], 255)
+            rows.insert(0, [blank if it.source is None else np.asarray(it.source) for it in shown])
+            labels.insert(0, "source")
+            what = "edits (source above each)"
+        title = f"held-out {what}, same seeds: base (LoRA off) vs policy after {iteration} iterations"
+        return save_grid(self.outdir / f"eval_{iteration:05d}.png", rows, labels, title,
+                         col_labels=[it.text for it in shown])

@@ -18,16 +18,30 @@ def _plt():
     return plt
 
 
-def save_grid(path: str | Path, rows: Sequence[np.ndarray], row_labels: Sequence[str], title: str,
-              col_labels: Sequence[str] | None = None, cell_inches: float = 1.1) -> Path:
-    """Image rows (each (k, H, W, 3) uint8) as one labelled PNG: a label left of each row, an
-    optional (wrapped) label above each column. Returns the path."""
+def fit_text(text: str, width_in: float, fontsize: float, max_lines: int | None = None) -> str:
+    """``text`` wrapped into lines that fit ``width_in`` inches at ``fontsize`` points (an average
+    glyph taken as 0.55 em wide; long words such as paths are broken), at most ``max_lines`` lines
+    (the last ending in "..."). Titles of every figure go through it so none is clipped."""
+    chars = max(8, int(width_in * 72 / (0.55 * fontsize)))
+    lines = [w for part in str(text).split("\n") for w in (textwrap.wrap(part, chars) or [""])]
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:max(chars - 3, 1)].rstrip() + "..."
+    return "\n".join(lines)
+
+
+def save_grid(path: str | Path, rows: Sequence[np.ndarray | Sequence[np.ndarray]], row_labels: Sequence[str],
+              title: str, col_labels: Sequence[str] | None = None, cell_inches: float = 1.1) -> Path:
+    """Image rows (each (k, H, W, 3) uint8, or a list of k (H_i, W_i, 3) images of any sizes, e.g. edit
+    sources) as one labelled PNG: a label left of each row, an optional label above each column (at
+    most 3 wrapped lines); the title wraps to the figure's width. Returns the path."""
     plt = _plt()
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     label_w = 1.0 + 0.045 * max((len(s.split("\n")[0]) for s in row_labels), default=0)
-    top = 0.55 + (0.14 * 3 if col_labels is not None else 0)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(label_w + n_cols * cell_inches, top + n_rows * cell_inches),
-                             squeeze=False)
+    fig_w = label_w + n_cols * cell_inches
+    title = fit_text(title, fig_w - 0.3, 9)
+    top = 0.4 + 0.17 * (title.count("\n") + 1) + (0.14 * 3 if col_labels is not None else 0)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(fig_w, top + n_rows * cell_inches), squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i, j]
@@ -40,7 +54,7 @@ def save_grid(path: str | Path, rows: Sequence[np.ndarray], row_labels: Sequence
             if j == 0:
                 ax.set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=8)
             if i == 0 and col_labels is not None and j < len(col_labels):
-                ax.set_title(textwrap.fill(col_labels[j], 18), fontsize=6.5)
+                ax.set_title(fit_text(col_labels[j], cell_inches * 0.95, 6.5, max_lines=3), fontsize=6.5)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
@@ -87,7 +101,7 @@ def save_before_after(path: str | Path, prompts: Sequence[str], base: np.ndarray
     if marks:
         lines.append("marks under each image: " + ", ".join(f"{CRITERION_MARKS[c]} {c}" for c in crits)
                      + " (green: satisfied, red: not)")
-    text = "\n".join(textwrap.fill(t, int(14 * fig_w)) for t in lines)
+    text = "\n".join(fit_text(t, fig_w - 0.3, 9) for t in lines)
     header = 0.2 + 0.17 * (text.count("\n") + 1)
     fig = plt.figure(figsize=(fig_w, grid_rows * block_h + header))
     top, body = fig.subfigures(2, 1, height_ratios=[header, grid_rows * block_h])
@@ -98,7 +112,7 @@ def save_before_after(path: str | Path, prompts: Sequence[str], base: np.ndarray
             continue
         sf.set_edgecolor("0.55")
         sf.set_linewidth(1.0)
-        sf.suptitle(textwrap.shorten(prompts[b], 48), fontsize=8.5, fontweight="bold", y=0.985)
+        sf.suptitle(fit_text(prompts[b], block_w - 0.2, 9.5, max_lines=1), fontsize=8.5, fontweight="bold", y=0.985)
         axes = sf.subplots(2, k, squeeze=False, gridspec_kw=dict(left=0.75 / block_w, right=0.98, top=0.86,
                                                                  bottom=0.1 if marks else 0.03, hspace=0.3 if marks else 0.08,
                                                                  wspace=0.06))
@@ -152,7 +166,9 @@ def save_curves(path: str | Path, history: Sequence[dict], keys: Sequence[str | 
         return None
     cols = min(cols, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.35 * rows + 0.45), squeeze=False)
+    title = fit_text(title, 3.0 * cols - 0.3, 10)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.35 * rows + 0.3 + 0.18 * (title.count("\n") + 1)),
+                             squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, group in zip(axes.flat, panels):
@@ -170,7 +186,7 @@ def save_curves(path: str | Path, history: Sequence[dict], keys: Sequence[str | 
             ax.set_title(prefix if all(g.startswith(prefix + "/") for g in group) else ", ".join(group), fontsize=9)
             ax.legend(fontsize=7, loc="best")
         else:
-            ax.set_title(group[0], fontsize=9)
+            ax.set_title(fit_text(group[0], 2.8, 9, max_lines=2), fontsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -189,14 +205,14 @@ def save_reward_and_win_rate(path: str | Path, history: Sequence[dict], title: s
     """The run in one figure: training reward and decisive-pair rate (left), held-out win rate
     against the base with its standard error and the tie rate (right)."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.0))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 2.8 + 0.18 * (fit_text(title, 8.1, 10).count("\n") + 1)))
     it = [h["iteration"] for h in history if "reward_mean" in h]
     a.plot(it, [h["reward_mean"] for h in history if "reward_mean" in h], lw=1, label="reward (mean per sample)")
     a.plot(it, [h["decisive_rate"] for h in history if "decisive_rate" in h], lw=1, label="decisive pairs")
     a.set_title("training (judge on the policy's own pairs)", fontsize=9)
     a.legend(fontsize=7)
     ev = [h for h in history if "eval/win_rate" in h]
-    x = np.array([h["iteration"] + 1 for h in ev])
+    x = np.array([h["iteration"] for h in ev])  # iteration N = after N updates (from 1)
     w = np.array([h["eval/win_rate"] for h in ev])
     se = np.array([h.get("eval/win_rate_se", 0.0) for h in ev])
     b.axhline(0.5, color="grey", lw=0.8, ls="--")
@@ -207,13 +223,14 @@ def save_reward_and_win_rate(path: str | Path, history: Sequence[dict], title: s
         b.legend(fontsize=7)
     else:
         b.text(0.5, 0.5, "no held-out evaluation\n(rpo.eval_every = 0)", ha="center", va="center", fontsize=8)
-    b.set_ylim(0, 1)
+    b.set_ylim(-0.03, 1.05)  # a tie rate of 1.0 (or a win rate of 0) stays visible above (below) the frame
     b.set_title("held-out prompts, fixed seeds", fontsize=9)
     for ax in (a, b):
-        ax.set_xlabel("RPO iteration", fontsize=8)
+        ax.set_xlabel("RPO iteration (from 1)", fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no fractional iterations on short runs
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(fit_text(title, 8.1, 10), fontsize=10)  # long titles wrap instead of being clipped
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

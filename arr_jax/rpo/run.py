@@ -28,6 +28,7 @@ from arr_jax.data.prompts import build_prompts, iteration_prompts
 from arr_jax.judge.factory import build_judge, check_judge
 from arr_jax.policies import build_policy
 from arr_jax.policies.base import Policy, PromptItem
+from arr_jax.progress import stage
 from arr_jax.rpo.evaluator import Evaluator
 from arr_jax.rpo.trainer import RPOTrainer, rpo_settings
 
@@ -140,6 +141,10 @@ def build_evaluator(cfg, judge, eval_prompts, workdir: Path, rules=None) -> Eval
                      criteria_fn=world_criteria if cfg.kind == "world" else None)
 
 
+def _where(model_dir) -> str:
+    return f" from {model_dir}" if model_dir else ""
+
+
 def _describe(rules) -> str:
     if rules is None or rules.mesh is None:
         return "1 device"
@@ -157,14 +162,18 @@ def build_run(cfg) -> RPORun:
         print(f"mesh: policy {_describe(rules)}, judge {_describe(judge_rules)}; {jax.process_count()} process(es), "
               f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
     check_judge(cfg.judge)      # a served judge: endpoint, key, model, log-probs, before anything loads
-    policy = build_policy(cfg, rules)
-    judge = build_judge(cfg.judge, rules=judge_rules, workdir=workdir)
+    with stage(f"loading the {cfg.kind} policy's weights{_where(cfg.get('model_dir', '') or cfg.get('base_checkpoint', ''))}"):
+        policy = build_policy(cfg, rules)
+    with stage(f"loading the {cfg.judge.kind} judge{_where(cfg.judge.get('model_dir', ''))}"):
+        judge = build_judge(cfg.judge, rules=judge_rules, workdir=workdir)
     if policy.is_editing and not judge.accepts_sources:
         raise ValueError(f"judge.kind {cfg.judge.kind!r} cannot judge edits: use 'qwen3_vl' or 'api' with the "
                          f"{cfg.kind} policy")
     evaluator = build_evaluator(cfg, judge, eval_prompts, workdir, judge_rules)
     trainer = RPOTrainer(policy, judge, rpo_settings(cfg.rpo), rules=rules, seed=cfg.seed,
-                         trainable="full" if cfg.rpo.get("full_finetune", False) else "lora")
+                         trainable="full" if cfg.rpo.get("full_finetune", False) else "lora",
+                         order_check_pairs=cfg.judge.get("order_check_pairs", 4),
+                         order_flip_warn=cfg.judge.get("order_flip_warn", 0.3))
     return RPORun(cfg=cfg, policy=policy, trainer=trainer, judge=judge, evaluator=evaluator,
                   train_prompts=train_prompts, eval_prompts=eval_prompts, workdir=workdir)
 
@@ -313,17 +322,15 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
     changes: list[dict] = []  # deliberate changes of inputs on resume (rpo.allow_resume_changes)
     if ckpt.latest_step() is not None:
         _check_rubric(ckpt, run)
-        state, extra = ckpt.restore(trainer.state_dict())
+        extra = restore_checkpoint(ckpt, trainer)
         changes = list(extra.get("resume_changes", []))
         change = _check_resume(extra.get("resume_signature"), resume_sig, run, int(ckpt.latest_step()))
         if change is not None:
             changes.append(change)
         run.resume_changes = changes
-        trainer.load_state_dict(state)
         history = list(extra.get("history", []))
         if run.is_writer:
             print(f"resumed RPO from iteration {trainer.iteration} ({work / 'checkpoints'})")
-    ckpt_extra = lambda: {"history": history, "resume_signature": resume_sig, "resume_changes": changes}  # noqa: E731
     if run.is_writer:
         meta = {**run_metadata(run), "policy_info": {k: v for k, v in run.policy.info.items()
                                                      if isinstance(v, (str, int, float, type(None)))},
@@ -335,7 +342,8 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
                                          f"{run.judge.rubric_sha256[:12]})" if run.judge.rubric_sha256
                                              else "no rubric (direct judge)"))
     if run.policy.precompute is not None:
-        run.policy.precompute(run.train_prompts + run.eval_prompts)
+        with stage(f"encoding {len(run.train_prompts) + len(run.eval_prompts)} prompts (training and held-out)"):
+            run.policy.precompute(run.train_prompts + run.eval_prompts)
     writer = SummaryWriter(str(work / "tensorboard")) if run.is_writer else None
     keep_best = bool(r.get("keep_best", False)) and run.evaluator is not None
     best_ckpt = Checkpointer((work / "best").absolute(), max_to_keep=1, model_signature=signature)
@@ -349,22 +357,24 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         it = trainer.iteration
         items = iteration_prompts(run.train_prompts, cfg.seed, it, r.pairs_per_batch)
         m = trainer.step(items)
-        m["iteration"] = it
+        m["iteration"] = it + 1  # iterations count from 1: "iteration N" is the N-th update (README)
         m.update(run.judge.metrics())
         failed = judge_failures(m)
         if failed > max_fail * r.pairs_per_batch:
-            raise RuntimeError(f"iteration {it}: the judge failed on {failed:.0f} of {r.pairs_per_batch} pairs "
+            raise RuntimeError(f"iteration {it + 1}: the judge failed on {failed:.0f} of {r.pairs_per_batch} pairs "
                                f"(pairs by status: { {k[15:]: v for k, v in m.items() if k.startswith('judge_failures/')} }), "
                                f"above judge.max_failure_fraction={max_fail} of the pairs; the last checkpoint is in "
                                f"{work / 'checkpoints'}")
         if m.get("decisive_rate", 1.0) == 0.0 and run.is_writer:
-            msg = (f"iteration {it}: no decisive pair: all {r.pairs_per_batch} pairs are ties or failures "
+            msg = (f"iteration {it + 1}: no decisive pair: all {r.pairs_per_batch} pairs are ties or failures "
                    f"({failed:.0f} failed), so every reward is zero and this iteration teaches nothing")
             log.warning(msg)
             print(f"warning: {msg}", flush=True)
-        if run.evaluator is not None and (it % r.eval_every == 0 or it + 1 == r.iterations):
+        if run.evaluator is not None and ((it + 1) % r.eval_every == 0 or it + 1 == r.iterations):
             t0 = time.perf_counter()
-            m.update(run.evaluator(trainer, it + 1, writer))
+            with stage(f"held-out evaluation after iteration {it + 1} ({len(run.evaluator.items)} images per "
+                       f"policy, judge {_judge_label(run.evaluator.judge)})"):
+                m.update(run.evaluator(trainer, it + 1, writer))
             m["time/eval"] = time.perf_counter() - t0
             score = m.get("eval/accuracy", m["eval/win_rate"])
             if keep_best and score >= best["score"]:
@@ -375,11 +385,11 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         if writer is not None:
             for k, v in m.items():
                 if isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, it)
+                    writer.add_scalar(k, v, it + 1)
         bar.update(1)
         bar.set_postfix(_postfix(m, history))
         if (it + 1) % r.checkpoint_every == 0 or it + 1 == r.iterations:
-            ckpt.save(it + 1, trainer.state_dict(), extra=ckpt_extra(), force=True)
+            save_checkpoint(ckpt, trainer, history, resume_signature=resume_sig, resume_changes=changes)
             export_lora(run, f"step_{it + 1}", it + 1)
     bar.close()
     ckpt.wait()
@@ -401,6 +411,23 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
         save_curves(work / "curves.png", history, CURVE_KEYS, f"ARR-RPO: {cfg.kind} policy")
         _write_report(run, history, final, time.perf_counter() - t_start)
     return history
+
+
+def save_checkpoint(ckpt, trainer: RPOTrainer, history: list[dict], **extra) -> None:
+    """Checkpoint after iteration ``trainer.iteration``: the trainer's arrays (`RPOTrainer.state_dict`)
+    and, as JSON, the metric history, its host state (`RPOTrainer.host_state`: order-flip counts) and
+    ``extra`` (the resume signature and the changes a resume accepted)."""
+    ckpt.save(trainer.iteration, trainer.state_dict(),
+              extra={"history": history, "trainer": trainer.host_state(), **extra}, force=True)
+
+
+def restore_checkpoint(ckpt, trainer: RPOTrainer) -> dict:
+    """Load the latest checkpoint of `save_checkpoint` into ``trainer``; returns its JSON extra
+    (``history``, ``resume_signature``, ``resume_changes``)."""
+    state, extra = ckpt.restore(trainer.state_dict())
+    trainer.load_state_dict(state)
+    trainer.load_host_state(extra.get("trainer", {}))
+    return extra
 
 
 def judge_failures(m: dict) -> float:
@@ -437,11 +464,18 @@ def _write_report(run: RPORun, history: list[dict], final_lora: Path | None, sec
     report = {"iterations": run.trainer.iteration, "seconds_this_run": seconds,
               "eval": {k[5:]: v for k, v in last_eval.items() if k.startswith("eval/")},
               "rubric_sha256": run.judge.rubric_sha256, "judge": run.judge.identity,
+              "eval_judge": run.evaluator.judge.identity if run.evaluator is not None else None,
               "last_metrics": history[-1],
               "outputs": {"lora": str(final_lora) if final_lora else None, "checkpoints": str(work / "checkpoints"),
                           "tensorboard": str(work / "tensorboard"), "eval_grids": str(work / "eval"),
                           "figure": str(work / "reward_and_win_rate.png"), "curves": str(work / "curves.png")}}
     atomic_write_text(work / "report.json", json.dumps(report, indent=2, default=float))
+
+
+def _judge_label(judge) -> str:
+    ident = getattr(judge, "identity", {}) or {}
+    model = ident.get("model")
+    return f"{ident.get('kind', judge.name)}" + (f" {model}" if model and model != ident.get("kind") else "")
 
 
 def summary(run: RPORun, history: list[dict]) -> str:
@@ -450,7 +484,8 @@ def summary(run: RPORun, history: list[dict]) -> str:
     last_eval = next((h for h in reversed(history) if "eval/win_rate" in h), None)
     lines = [f"finished {run.trainer.iteration} RPO iterations ({run.cfg.kind} policy, judge {run.judge.name})"]
     if last_eval is not None:
-        lines.append(f"held-out win rate against the base: {last_eval['eval/win_rate']:.3f} "
+        lines.append(f"held-out win rate against the base after iteration {last_eval['iteration']} (judge "
+                     f"{_judge_label(run.evaluator.judge)}): {last_eval['eval/win_rate']:.3f} "
                      f"± {last_eval['eval/win_rate_se']:.3f} (ties {last_eval['eval/tie_rate']:.2f}, "
                      f"{int(last_eval['eval/pairs'])} pairs)")
     else:

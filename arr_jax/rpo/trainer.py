@@ -14,6 +14,7 @@ leaves the model holding deleted arrays.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -26,9 +27,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arr_jax.diffusion.schedule import rollout_sigmas
-from arr_jax.judge.base import PairwiseBatch, concat
-from arr_jax.perf import Instrumented, mfu
+from arr_jax.judge.base import PairwiseBatch, concat, flip_winner
 from arr_jax.multihost import from_host_local, local_rows, sum_over_processes, to_host_local, union_keys
+from arr_jax.perf import mfu
+from arr_jax.progress import Announced, stage
+from arr_jax.progress import enabled as progress_enabled
 from arr_jax.policies.base import Policy, PromptItem, as_items
 from arr_jax.rpo.programs import LossConfig, PolicyPrograms, make_optimizer
 from arr_jax.rpo.rewards import pair_rewards
@@ -177,10 +180,14 @@ class RPOTrainer:
       rules:     `ShardingRules` with a mesh: parameters are placed by their logical axes and the
                  batch is sharded over ("data", "fsdp").
       seed:      RNG seed of the rollouts (iteration ``i`` uses ``fold_in(key(seed), i)``).
+      order_check_pairs: pairs per iteration (per process) that a one-order judge also judges in the
+                 swapped order, to measure its order-flip rate (`order_check`); 0 turns it off.
+      order_flip_warn: the run's order-flip rate above which one warning names ``judge.symmetrize``.
     """
 
     def __init__(self, policy: Policy, judge, settings: RPOSettings, *, trainable: str | None = None,
-                 rules: ShardingRules | None = None, seed: int = 0):
+                 rules: ShardingRules | None = None, seed: int = 0, order_check_pairs: int = 4,
+                 order_flip_warn: float = 0.3):
         from arr_jax.judge.reward import as_rubric_judge
         from arr_jax.nn.lora import LoRAParam
 
@@ -229,10 +236,12 @@ class RPOTrainer:
         self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(tr))(tr)
         # Every program of an iteration is compiled ahead of time once per input signature and counts
         # its FLOPs (`arr_jax.perf`): achieved TFLOP/s and MFU per phase go into each step's metrics.
-        self.programs.rollout = Instrumented(self.programs.rollout, "rollout")
-        self.programs.ref_pass = Instrumented(self.programs.ref_pass, "reference")
-        self.programs.train_step = Instrumented(self.programs.train_step, "update")
-        self._decode = Instrumented(self._decode, "decode")
+        # Each says when it compiles, with its seconds (`arr_jax.progress.Announced`, process 0).
+        self.programs.rollout = Announced(self.programs.rollout, "rollout")
+        self.programs.ref_pass = Announced(self.programs.ref_pass, "reference")
+        self.programs.train_step = Announced(self.programs.train_step, "update")
+        self.programs.ode = Announced(self.programs.ode, "ode sampler")
+        self._decode = Announced(self._decode, "decode")
         self._instrumented = {"rollout": self.programs.rollout, "decode": self._decode,
                               "reference": self.programs.ref_pass, "update": self.programs.train_step}
         self._noise_fns: dict = {}
@@ -242,6 +251,9 @@ class RPOTrainer:
         self.iteration = 0
         self.counters = {"nonfinite_updates": 0}
         self.timing: dict[str, float] = {}
+        self.order_check_pairs, self.order_flip_warn = int(order_check_pairs), float(order_flip_warn)
+        self.order_flips = {"flips": 0.0, "pairs": 0.0, "warned": False}
+        self._judged = False
 
     # --- the weights: owned by the policy's model -------------------------------------------
     @property
@@ -315,6 +327,18 @@ class RPOTrainer:
         if self.mode == "full":
             d["reference"] = self.ref_trainable
         return d
+
+    def host_state(self) -> dict:
+        """JSON-able state resume needs beside `state_dict` (saved in the checkpoint's ``extra``): the
+        order-flip check's counts over the run so far, so a resumed run neither forgets them nor
+        warns a second time."""
+        return {"order_flips": dict(self.order_flips)}
+
+    def load_host_state(self, d: dict) -> None:
+        """Restore `host_state` (missing keys, e.g. from an older checkpoint, keep the fresh values)."""
+        if "order_flips" in d:
+            f = d["order_flips"]
+            self.order_flips = {"flips": float(f["flips"]), "pairs": float(f["pairs"]), "warned": bool(f["warned"])}
 
     def load_state_dict(self, d: dict) -> None:
         self.trainable, self.opt_state, self.key = d["trainable"], d["opt_state"], d["rng"]
@@ -391,6 +415,71 @@ class RPOTrainer:
         res = self.judge.compare(items, images[0::2], images[1::2])
         self.timing["judge_busy"] = self.timing.get("judge_busy", 0.0) + time.perf_counter() - t0
         return res
+
+    def _first_judging(self, n_pairs: int):
+        """The first iteration says it waits on the judge (which may compile or load first), with its
+        seconds; later ones are timed in the RPO bar."""
+        if self._judged:
+            return contextlib.nullcontext()
+        self._judged = True
+        return stage(f"judging the first {n_pairs} pairs ({self.judge.name})")
+
+    def _wait_for_judge(self, futures, n_pairs: int) -> list[PairwiseBatch]:
+        """The results of a host judge's micro-batches, in order. The first iteration says it waits
+        (`_first_judging`); later waits longer than 2 s show a bar of the micro-batches judged."""
+        from concurrent.futures import as_completed
+
+        from tqdm.auto import tqdm
+
+        with self._first_judging(n_pairs):
+            pending = [f for f in futures if not f.done()]
+            with tqdm(total=len(futures), initial=len(futures) - len(pending), desc="waiting on the judge",
+                      unit="micro-batch", leave=False, delay=2.0, dynamic_ncols=True,
+                      disable=not progress_enabled()) as bar:
+                for _ in as_completed(pending):
+                    bar.update(1)
+        return [f.result() for f in futures]
+
+    def _one_order(self) -> bool:
+        """The judge decides each pair from one image order (``judge.symmetrize = off``)."""
+        return not getattr(self.judge.judge, "symmetrize", None)
+
+    def order_check(self, items, images, winner: np.ndarray) -> dict:
+        """The one-order judge's order-flip rate on ``order_check_pairs`` of this iteration's pairs
+        (a different slice each iteration): those pairs are judged again with the images swapped, and
+        a flip is a pair whose two orders name different winners (ties count as no flip; the same
+        measure as ``eval/order_flip_rate``). Returns ``order_flip_rate`` (this iteration, over all
+        processes) and ``order_flip_rate_run`` (the run so far); logs one warning, pointing at
+        ``judge.symmetrize``, once the run's rate exceeds ``order_flip_warn`` over at least 8 pairs:
+        such a reward mostly says which image came first. A symmetric judge already judges both
+        orders (its flips become ties): nothing to measure, ``{}``.
+
+        items: this process's pairs; images: uint8 (2 x pairs, H, W, 3), pair i = rows 2i, 2i+1;
+        winner: (pairs,) int8 of the judged order."""
+        n = len(winner)
+        k = min(self.order_check_pairs, n)
+        if k <= 0 or not self._one_order():
+            return {}
+        idx = (self.iteration * k + np.arange(k)) % n
+        images = np.asarray(images)
+        swapped = np.stack([images[1::2][idx], images[0::2][idx]], axis=1).reshape(2 * k, *images.shape[1:])
+        rev = self._judge_pairs([items[i] for i in idx], swapped)
+        fwd, back = np.asarray(winner)[idx], flip_winner(rev.winner)
+        flips = float(np.sum((fwd != back) & (fwd != 0) & (back != 0)))
+        tot = sum_over_processes({"flips": flips, "pairs": float(k)})
+        run = self.order_flips
+        run["flips"] += tot["flips"]
+        run["pairs"] += tot["pairs"]
+        rate_run = run["flips"] / run["pairs"]
+        if not run["warned"] and run["pairs"] >= 8 and rate_run > self.order_flip_warn:
+            run["warned"] = True
+            if jax.process_index() == 0:
+                log.warning(
+                    "the judge named a different winner when the two images were swapped in %.0f%% of %d checked "
+                    "pairs (order-flip rate above %.2f): its one-order reward is largely position bias. Set "
+                    "--config.judge.symmetrize=agree (a win only when both orders agree) or =mean to judge both "
+                    "orders; README: 'Position bias'.", 100 * rate_run, run["pairs"], self.order_flip_warn)
+        return {"order_flip_rate": tot["flips"] / tot["pairs"], "order_flip_rate_run": rate_run}
 
     def _rewards(self, res: PairwiseBatch) -> tuple[np.ndarray, dict]:
         rewards = pair_rewards(res.winner, self.s.win_reward, self.s.lose_penalty)
@@ -530,11 +619,14 @@ class RPOTrainer:
             batch = self.rollout(prompts, key, on_decoded=lambda items, imgs: futures.append(
                 self._judge_pool.submit(self._judge_pairs, items, imgs)))
             t1 = time.perf_counter()
-            adv, jm = self._rewards(concat([f.result() for f in futures]))
+            res = concat(self._wait_for_judge(futures, len(batch.items)))
         else:
             batch = self.rollout(prompts, key)
             t1 = time.perf_counter()
-            adv, jm = self.judge_batch(batch)
+            with self._first_judging(len(batch.items)):
+                res = self._judge_pairs(batch.items, batch.images)
+        adv, jm = self._rewards(res)
+        jm.update(self.order_check(batch.items, batch.images, res.winner))
         self.timing["judge"] = time.perf_counter() - t1  # what the iteration waited for the judge
         rng = np.random.default_rng(int(jax.random.randint(jax.random.fold_in(key, 7), (), 0, 2**31 - 1)))
         um = self.update(batch, adv, rng)
