@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flux.long_prompts = "error"   # training: a prompt over t5_max_length T5 tokens stops the run up front; "truncate": cut it
     c.flux.attention_impl = "xla"   # "cudnn" on GPU (flash attention), "xla" elsewhere; see nn/attention.py
     c.flux.remat = "full"           # update remat per block: "full", "dots" (keep Linear outputs) or "none"
-    c.flux.scan_blocks = False      # one lax.scan per block group: far shorter compiles, +1 copy of the block weights
+    c.flux.scan_blocks = True       # block groups stored stacked, one lax.scan each: compiles in ~1/8 the time (RESULTS.md)
     c.flux.release_text_encoders = True  # training: free T5-XXL + CLIP once every prompt is cached
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
@@ -128,6 +128,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.flux.dtype = c.flux.text_dtype = c.flux.vae_dtype = "float32"
     c.flux.t5_max_length = 16
     c.flux.remat = "none"
+    c.flux.scan_blocks = False      # tiny: the per-block layout (tests cover both)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sample.height = c.sample.width = 32
     c.sample.num_steps = 2

@@ -391,3 +391,24 @@ def test_export_states_the_maths_fields_and_reimports(tmp_path):
         return
     cfg = LoraConfig(**{k.removeprefix("transformer."): v for k, v in m.items()})
     assert cfg.use_rslora is False and cfg.r == 4 and cfg.lora_alpha == 16.0
+
+
+def test_stacked_blocks_export_and_import_under_per_block_names(tmp_path):
+    """A model with scanned blocks stores them stacked (`arr_jax.nn.stack`); its LoRA file is the per-block
+    model's, byte for byte, and loads back into either layout with the same outputs."""
+    from arr_jax.nn.stack import StackedBlocks
+
+    lora = LoRAConfig(rank=2, alpha=4.0)
+    flat = FluxTransformer(FluxConfig.tiny(lora=lora), rngs=nnx.Rngs(0))
+    stacked = FluxTransformer(FluxConfig.tiny(lora=lora, scan_blocks=True), rngs=nnx.Rngs(0))
+    assert isinstance(stacked.transformer_blocks, StackedBlocks)
+    assert stacked.transformer_blocks.block.attn.to_q.kernel.get_value().shape[0] == 2
+    assert sorted(adapted_linears(stacked)) == sorted(adapted_linears(flat))
+    _randomize(flat, seed=3)
+    save_peft_lora(flat, tmp_path / "flat.safetensors")
+    load_peft_lora(stacked, tmp_path / "flat.safetensors")   # per-block names into the stacked rows
+    save_peft_lora(stacked, tmp_path / "stacked.safetensors")
+    a, b = lora_state_dict(flat)[0], lora_state_dict(stacked)[0]
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    x = _inputs()
+    np.testing.assert_allclose(_ours(stacked, x), _ours(flat, x), rtol=1e-5, atol=1e-5)
