@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.qwen.vae_dtype = "float32"
     c.qwen.attention_impl = "xla"
     c.qwen.remat = "full"           # update remat per block: "full", "dots" or "none" (arr_jax.nn.remat)
+    c.qwen.scan_blocks = True       # the 60 blocks stored stacked, one lax.scan: short compiles (RESULTS.md)
     c.qwen.text_len = 512           # training: text states padded to this (instruction + condition image)
     c.qwen.vae_area = 1024 * 1024   # sampling: sources resized to ~this area, aspect kept (0 = keep size)
     c.qwen.condition_area = 384 * 384  # Edit-2509: the text encoder's copy of each source
@@ -92,6 +93,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> None:
     c.workdir = "runs/tiny_qwen_image_edit_rpo"
     c.qwen.dtype = c.qwen.text_dtype = c.qwen.vae_dtype = "float32"
     c.qwen.remat = "none"
+    c.qwen.scan_blocks = False      # tiny: the per-block layout (tests cover both)
     c.qwen.text_len = 320
     c.qwen.vae_area = 64 * 64
     c.qwen.condition_area = 32 * 32

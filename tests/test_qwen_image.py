@@ -168,3 +168,25 @@ def test_sharded_lora_forward_matches(checkpoints):
     args = [jnp.asarray(a) for a in (x["img"], x["txt"], x["timestep"], *qwen_rope_ids(SHAPES["edit"], L), x["mask"])]
     out = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a[:5], txt_mask=a[5], n_target=12))(state, *args)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parity
+def test_scanned_blocks_match_diffusers_sharded_with_lora(checkpoints):
+    """``scan_blocks``: the blocks stored stacked (loaded from diffusers' per-block names), one lax.scan, sharded
+    FSDP x TP with LoRA (B = 0) and remat: diffusers' output; the stacked kernel keeps its sharded layout."""
+    from arr_jax.nn.stack import StackedBlocks
+
+    path, ref_model = checkpoints[True]
+    x = _inputs("edit", True)
+    ref = _reference(ref_model, "edit", x, True)
+    rules = make_rules(make_mesh(data=2, fsdp=2, tensor=2))
+    model = load_qwen_image_transformer(path, rules=rules, lora=LoRAConfig(rank=4, alpha=8.0), scan_blocks=True,
+                                        remat="full")
+    assert isinstance(model.transformer_blocks, StackedBlocks)
+    k = model.transformer_blocks.block.attn.to_q.kernel.get_value()
+    assert k.shape[0] == model.config.num_layers
+    assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    graphdef, state = nnx.split(model)
+    args = [jnp.asarray(a) for a in (x["img"], x["txt"], x["timestep"], *qwen_rope_ids(SHAPES["edit"], L), x["mask"])]
+    out = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a[:5], txt_mask=a[5], n_target=12))(state, *args)
+    assert _rel(np.asarray(out), ref) <= 1e-5

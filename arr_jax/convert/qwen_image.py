@@ -18,6 +18,7 @@ from flax import nnx
 from arr_jax.convert.safetensors_io import SafetensorsCheckpoint, load_into_model, weights_path
 from arr_jax.models.qwen_image import QwenImageConfig, QwenImageTransformer
 from arr_jax.nn.lora import LoRAConfig, LoRAParam, apply_lora
+from arr_jax.nn.stack import stack_blocks
 from arr_jax.sharding import ShardingRules, param_shardings
 
 _NORM_WEIGHT = re.compile(r"(^txt_norm|\.(norm_q|norm_k|norm_added_q|norm_added_k))\.weight$")
@@ -80,9 +81,12 @@ def load_qwen_image_transformer(model_dir: str | os.PathLike, *, dtype: Any = "f
 def _init_lora(model: QwenImageTransformer, config: QwenImageConfig, seed: int, rules: ShardingRules | None) -> None:
     """Materialise the abstract LoRA adapters: A from ``Rngs(seed)``, B = 0, placed on their shards."""
 
-    def make():
-        fresh = nnx.eval_shape(lambda: QwenImageTransformer(config.replace(lora=None), rngs=nnx.Rngs(0)))
+    def make():  # adapters drawn per block as in the unstacked model, then stacked like the model's blocks
+        fresh = nnx.eval_shape(lambda: QwenImageTransformer(config.replace(lora=None, scan_blocks=False),
+                                                            rngs=nnx.Rngs(0)))
         apply_lora(fresh, config.lora, rngs=nnx.Rngs(seed))
+        if config.scan_blocks:
+            fresh.transformer_blocks = stack_blocks(fresh.transformer_blocks)
         return nnx.state(fresh, LoRAParam)
 
     out_shardings = None

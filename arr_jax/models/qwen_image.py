@@ -40,7 +40,8 @@ from flax import nnx
 from arr_jax.nn.attention import Attention
 from arr_jax.nn.layers import AdaLayerNormContinuous, FeedForward, Linear, MLPEmbedder, RMSNorm, layer_norm
 from arr_jax.nn.lora import LoRAConfig, apply_lora
-from arr_jax.nn.remat import check_remat, checkpoint, remat_policy
+from arr_jax.nn.remat import check_remat
+from arr_jax.nn.stack import run_blocks, stack_blocks
 from arr_jax.sharding import ShardingRules, param_shardings, shard
 
 
@@ -63,6 +64,9 @@ class QwenImageConfig:
     lora: LoRAConfig | None = None
     attention_impl: str = "xla"    # see arr_jax.nn.attention.dot_product_attention
     remat: bool | str = False      # per block in the backward pass: a bool or arr_jax.nn.remat.REMAT_MODES
+    # Store the 60 blocks stacked (`arr_jax.nn.stack.StackedBlocks`) and run them as one lax.scan: one block
+    # compiled instead of 60, same numbers, the weights read in place.
+    scan_blocks: bool = False
 
     @property
     def inner_dim(self) -> int:
@@ -233,14 +237,6 @@ class QwenImageTransformerBlock(nnx.Module):
         return img, txt
 
 
-def _block_call(block: nnx.Module, remat: bool | str, *args):
-    """``block(*args)``, rematerialised in the backward pass per ``remat`` (`arr_jax.nn.remat`)."""
-    if remat_policy(remat) is None:
-        return block(*args)
-    graphdef, state = nnx.split(block)
-    return checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args), remat)(state, *args)
-
-
 class QwenImageTransformer(nnx.Module):
     """QwenImageTransformer2DModel. See `__call__` for the inputs."""
 
@@ -258,6 +254,8 @@ class QwenImageTransformer(nnx.Module):
         self.proj_out = Linear(d, cfg.out_dim, axes=("embed", "channels"), **kw)
         if cfg.lora is not None:
             apply_lora(self, cfg.lora, rngs=rngs)
+        if cfg.scan_blocks:
+            self.transformer_blocks = stack_blocks(self.transformer_blocks)
 
     def __call__(self, img: jax.Array, txt: jax.Array, timestep: jax.Array, img_ids: jax.Array,
                  txt_ids: jax.Array, txt_mask: jax.Array | None = None, n_target: int | None = None) -> jax.Array:
@@ -283,8 +281,8 @@ class QwenImageTransformer(nnx.Module):
         rope = qwen_rope_angles(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope, cfg.rope_theta)
         mask = None if txt_mask is None else txt_mask.astype(bool)
 
-        for block in self.transformer_blocks:
-            img, txt = _block_call(block, cfg.remat, img, txt, temb, rope, mask, temb_cond, is_cond)
+        img, txt = run_blocks(self.transformer_blocks, (img, txt), (temb, rope, mask, temb_cond, is_cond),
+                              remat=cfg.remat)
         return self.proj_out(self.norm_out(img, temb))
 
 

@@ -60,7 +60,7 @@ def load_pipeline(cfg, rules=None, lora=None, *, lora_seed: int = 0, vae_area: i
         cfg.model_dir, cache_dir=cfg.cache_dir or None, rules=rules, vae_area=area, condition_area=q.condition_area,
         max_sources=q.max_sources or None, dtype=q.dtype, text_dtype=q.text_dtype, vae_dtype=q.vae_dtype, lora=lora,
         lora_seed=lora_seed, expect=EXPECT.get(cfg.kind, EXPECT["qwen_image_edit"]),
-        attention_impl=q.attention_impl, remat=q.remat)
+        attention_impl=q.attention_impl, remat=q.remat, scan_blocks=bool(q.get("scan_blocks", False)))
 
 
 def build(cfg, rules=None) -> Policy:
@@ -196,7 +196,8 @@ def abstract(cfg, rules=None):
     snap = Path(cfg.model_dir) if cfg.get("model_dir", "") else None
     has = snap is not None and (snap / "transformer" / "config.json").is_file()
     dt = jnp.dtype(q.dtype)
-    over = dict(dtype=dt, param_dtype=dt, lora=lora_config(r), attention_impl=q.attention_impl, remat=q.remat)
+    over = dict(dtype=dt, param_dtype=dt, lora=lora_config(r), attention_impl=q.attention_impl, remat=q.remat,
+                scan_blocks=bool(q.get("scan_blocks", False)))
     qc = (QwenImageConfig.from_diffusers_config(snap / "transformer", **over) if has
           else QwenImageConfig(**over))
     vc = read_qwen_vae_config(snap / "vae") if has else QwenImageVAEConfig()
