@@ -213,7 +213,8 @@ class Qwen3VLTextAttention(nnx.Module):
         """x ``(B, S, E)``; cache: optional stacked ``(k, v)`` each ``(L, B, T, KVH, D)``.
 
         New keys/values are written into layer ``layer`` of the cache at ``cache_index`` (in place
-        under donation) and the queries attend over that layer's whole cache.
+        under donation) and the queries attend over that layer's whole cache (at a static
+        ``cache_index`` of 0, a prefill into an empty cache, over the ``S`` new keys only).
         With ``last_only`` keys and values still come from all ``S`` positions but only the last
         position queries (``mask`` keeps its ``(B, S, T)`` shape; its last row is used).
         Returns ``(out (B, S, E) or (B, 1, E) with last_only, cache)``.
@@ -232,7 +233,13 @@ class Qwen3VLTextAttention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             cache = (ck, cv)
-            k, v = ck[layer], cv[layer]
+            if isinstance(cache_index, int) and cache_index == 0:
+                # a prefill into an empty cache: the keys are this call's own S (the slots after
+                # them are empty and masked), so attend over those instead of the cache's T slots
+                k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+                mask = mask[..., :s]
+            else:
+                k, v = ck[layer], cv[layer]
         k = shard(k, r, "batch", "seq", "act_heads", None)
         v = shard(v, r, "batch", "seq", "act_heads", None)
         if last_only:
