@@ -66,7 +66,7 @@ if [ "$MODE" = tiny ]; then
   step rollout 600 0.45 benchmarks/rollout.py --preset tiny --reps 1
   step update 600 0.45 benchmarks/update.py --preset tiny --reps 1
   step judge 600 0.45 benchmarks/judge.py --preset tiny --reps 1
-  step iteration 600 0.9 benchmarks/iteration.py --preset tiny --iters 1
+  step iteration 600 0.9 benchmarks/iteration.py --preset tiny --iters 1 --against release
 else
   step rollout "${BUDGET_ROLLOUT:-120}" 0.45 benchmarks/rollout.py --preset flux-dev
   step update "${BUDGET_UPDATE:-130}" 0.45 benchmarks/update.py --preset flux-dev

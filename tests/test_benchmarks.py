@@ -86,6 +86,22 @@ def test_iteration_tiny(suite):
     assert {"rollout", "decode", "judge", "reference", "update", "iteration"} <= set(phases)
     for ph in ("rollout", "decode", "judge", "reference", "update"):
         assert phases[ph]["seconds"] > 0 and phases[ph]["gflop"] > 0, ph
+    # --against release: the release's loop in PyTorch ran a whole iteration at the same shapes
+    assert "against the release's loop" in suite[1]
+    rel = res["release"]
+    assert rel["verdict_tokens"] == 30 and len(rel["runs"]) == 1
+    assert rel["runs"][0]["images"] == [2 * res["pairs"], res["res"], res["res"], 3]
+    assert len(rel["runs"][0]["winners"]) == res["pairs"]
+    against = {r["phase"]: r for r in res["against_rows"]}
+    assert list(against) == ["rollout", "decode", "judge", "reference", "update", "iteration", "images/s"]
+    for ph in ("rollout", "decode", "judge", "reference", "update"):
+        assert against[ph]["ours_s"] > 0 and against[ph]["ref_s"] > 0, ph
+        assert abs(against[ph]["ratio"] - against[ph]["ref_s"] / against[ph]["ours_s"]) <= 1e-9 * against[ph]["ratio"]
+    it = against["iteration"]
+    assert it["ref_s"] == pytest.approx(sum(rel["runs"][0]["seconds"][ph] for ph in
+                                            ("rollout", "decode", "judge", "reference", "update")))
+    assert against["images/s"]["ours_s"] == pytest.approx(2 * res["pairs"] / it["ours_s"])
+    assert it["ratio_status"] == "one_repeat"  # --iters 1: the table says so instead of a speedup
 
 
 def test_suite_summary(suite):
