@@ -121,3 +121,17 @@ def test_output_inside_the_sources_is_refused(tmp_path):
     with pytest.raises(ValueError, match="source tree"):
         report.write({}, ROOT / "benchmarks" / "x.json")
     assert report.write({}, tmp_path / "x.json").exists()
+
+
+def test_judge_ablation_tiny(tmp_path):
+    """ablation.py --what judge: the judge's programs as they were and as they are, interleaved; the
+    before and after prefills give the same logits (checked inside), and every row is reported."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import ablation
+
+    res = ablation.main(["--what", "judge", "--preset", "tiny", "--reps", "2", "--out", str(tmp_path / "a.json")])
+    assert [r["variant"] for r in res["rows"]] == ["prefill before", "prefill +cache_maker", "prefill after",
+                                                    "choice before", "choice after"]
+    for r in res["rows"]:
+        assert r["ms"] > 0 and r["ratio_status"] in ("ok", "noise", "below_resolution")
+    assert (tmp_path / "a.json").exists()
