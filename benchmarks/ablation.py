@@ -202,7 +202,8 @@ def main(argv=None) -> dict:
     import jax
 
     if args.preset not in fp.PRESETS:
-        raise SystemExit(f"--what {args.what} takes a FLUX preset ({', '.join(sorted(fp.PRESETS))}), not {args.preset!r}")
+        raise SystemExit(f"--what {args.what} takes a FLUX preset ({', '.join(sorted(fp.PRESETS))}), "
+                         f"not {args.preset!r}")
     base = fp.PRESETS[args.preset]
     steps = base["update_steps"] if args.what == "update" else base["steps"]
     B = args.batch or (base["update_batch"] if args.what == "update" else base["rollout_batch"])

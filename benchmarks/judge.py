@@ -24,9 +24,9 @@ of the full forward (every layer at every prompt position, the LM head at the la
 part of the last layer, so it does less than that). Peak: ``--peak_tflops``, else the chip's tabled
 bf16 peak, else (CPU) the machine's float32 matmul rate measured with JAX in the same run
 (`report.matmul_peak`). A ratio whose repeats vary more than it, or whose calls are below the
-timer's resolution, is shown as "not resolved" (`report.resolve`). The ``qwen3-vl-8b`` preset builds both models from the published
-Qwen3-VL-8B-Instruct config with random weights on the device (no files written: 16 GB would not
-fit a GPU lease); ``tiny`` and ``small`` save a transformers snapshot that both sides load.
+timer's resolution, is shown as "not resolved" (`report.resolve`). The ``qwen3-vl-8b`` preset builds
+both models from the published Qwen3-VL-8B-Instruct config with random weights on the device (no
+files written: 16 GB would not fit a GPU lease); ``tiny`` and ``small`` save a transformers snapshot that both sides load.
 JSON: ``runs/benchmarks/judge_<preset>.json``.
 """
 from __future__ import annotations

@@ -187,7 +187,8 @@ def timer_resolution_s() -> float:
 MIN_RESOLUTIONS = 100
 
 
-def resolve(ratio: float | None, ours: list[dict], ref: list[dict], resolution_s: float | None = None) -> tuple[str, str]:
+def resolve(ratio: float | None, ours: list[dict], ref: list[dict],
+            resolution_s: float | None = None) -> tuple[str, str]:
     """Whether a speedup ``ratio`` (ours / reference) can be told from the timings it came from.
 
     ``ours`` and ``ref``: the `interleaved` timings (``times_s`` lists) of each side's calls that the
