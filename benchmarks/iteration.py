@@ -66,7 +66,7 @@ def judge_files(preset: str) -> Path:
         return tiny
     from benchmarks.judge import hf_config
 
-    d = Path(tempfile.mkdtemp(prefix="qwen3_vl_8b_shapes_"))
+    d = Path(tempfile.mkdtemp(prefix=f"qwen3_vl_{preset}_judge_"))
     for name in ("tokenizer.json", "preprocessor_config.json"):
         (d / name).write_bytes((tiny / name).read_bytes())
     small = json.loads((tiny / "config.json").read_text())
