@@ -51,13 +51,16 @@ def lora_delta_autodiff(x, a, b, scale):
     return (scale * jnp.matmul(jnp.matmul(x, a), b)).astype(x.dtype)
 
 
-def attention_bshd(q, k, v, *, impl="xla"):
-    """Attention as it was: contracting (B, S, H, D) directly, logits scaled after the product."""
+def attention_bshd(q, k, v, *, impl="xla", kv_mask=None):
+    """Attention as it was: contracting (B, S, H, D) directly, logits scaled after the product
+    (``kv_mask`` (B, T) as `arr_jax.nn.attention.dot_product_attention` takes it since)."""
     import jax
     import jax.numpy as jnp
 
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    if kv_mask is not None:
+        logits = jnp.where(kv_mask.astype(bool)[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
