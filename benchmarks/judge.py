@@ -9,7 +9,8 @@ A batch is B pairwise-judge prompts: text, image 1, text, image 2, text (random 
 Rows (medians of interleaved repeats, `benchmarks/report.py`):
 
   like for like
-    prefill tok/s          one prompt forward that fills the KV cache (ours `Decoder.prefill`; HF forward, use_cache)
+    prefill tok/s          one prompt forward that fills the KV cache, next-token logits (ours `Decoder.prefill`;
+                           HF forward with use_cache and ``logits_to_keep=1``, as its generate prefills)
     choice decisions/s     one prefill reading P(image 1 wins) from two answer tokens' log-probs (ours
                            `Decoder.score_choices`; HF the same forward with ``logits_to_keep=1``)
     decode tok/s           greedy tokens after the prefill (ours `Decoder.generate`; HF ``generate``)
@@ -18,10 +19,14 @@ Rows (medians of interleaved repeats, `benchmarks/report.py`):
                            detokenise and parse it (what a user of the release runs per pair), vs our
                            one-prefill choice decision.
 
-Our prefill FLOPs come from its jaxpr (`arr_jax.perf`); MFU = FLOPs / time / chip peak (known chips
-only; ``--peak_tflops`` overrides). The ``qwen3-vl-8b`` preset builds both models from the published
-Qwen3-VL-8B-Instruct config with random weights on the device (no files written: 16 GB would not
-fit a GPU lease); ``tiny`` and ``small`` save a transformers snapshot that both sides load.
+MFU = model FLOPs / time / peak, the same model FLOPs for both sides: the jaxpr count (`arr_jax.perf`)
+of the full forward (every layer at every prompt position, the LM head at the last one; ours skips
+part of the last layer, so it does less than that). Peak: ``--peak_tflops``, else the chip's tabled
+bf16 peak, else (CPU) the machine's float32 matmul rate measured with JAX in the same run
+(`report.matmul_peak`). A ratio whose repeats vary more than it, or whose calls are below the
+timer's resolution, is shown as "not resolved" (`report.resolve`). The ``qwen3-vl-8b`` preset builds
+both models from the published Qwen3-VL-8B-Instruct config with random weights on the device (no
+files written: 16 GB would not fit a GPU lease); ``tiny`` and ``small`` save a transformers snapshot that both sides load.
 JSON: ``runs/benchmarks/judge_<preset>.json``.
 
 API rows (``--api``; `api_main`): the served judge (`arr_jax.judge.api.OpenAIBackend`) against the
@@ -171,20 +176,34 @@ class Ours:
     def release(self):
         return parse_verdicts(self.dec.generate(self.inputs, max_new_tokens=self.verdict_tokens))
 
-    def prefill_flops(self) -> float:
+    def prefill_flops(self) -> tuple[float, float, float]:
+        """``(model, prefill program, choice program)`` FLOPs from jaxprs. Model FLOPs: the full
+        forward (every layer at every position, the LM head at the last), the work both sides'
+        MFU is counted on; our programs skip the last layer's queries and MLP at the other
+        positions (`Qwen3VLTextModel` ``last_only``), so they count fewer."""
         import jax
         import jax.numpy as jnp
+        from flax import nnx
 
         from arr_jax import perf
         from arr_jax.judge.decode import choice_logprobs, init_cache, prefill
+        from arr_jax.models.qwen3_vl import model_kwargs
 
         b = self.inputs["input_ids"].shape[0]
         dev = {k: jnp.asarray(v) for k, v in self.inputs.items() if k != "rope_deltas"}
+        gd = self.dec.graphdef
+
+        def full(state, inp):
+            m = nnx.merge(gd, state)
+            h = m.hidden_states(inp["input_ids"], inp["positions"], inp["attention_mask"], **model_kwargs(inp))
+            return m.logits(h[:, -1])
+
+        f_model, _ = perf.jaxpr_flops(jax.jit(full), self.dec.state, dev)
         cache = init_cache(self.dec.cfg, b, self.s + self.new_tokens, self.dec.cache_dtype)
-        f_pre, _ = perf.jaxpr_flops(jax.jit(functools.partial(prefill, self.dec.graphdef)), self.dec.state, dev, cache)
-        f_cho, _ = perf.jaxpr_flops(jax.jit(functools.partial(choice_logprobs, self.dec.graphdef)), self.dec.state,
+        f_pre, _ = perf.jaxpr_flops(jax.jit(functools.partial(prefill, gd)), self.dec.state, dev, cache)
+        f_cho, _ = perf.jaxpr_flops(jax.jit(functools.partial(choice_logprobs, gd)), self.dec.state,
                                     dev, jnp.asarray(CHOICE_IDS, jnp.int32))
-        return f_pre, f_cho
+        return f_model, f_pre, f_cho
 
 
 class Torch:
@@ -215,8 +234,9 @@ class Torch:
         self.device = dev
 
     def prefill(self):
+        # as generate's prefill: fill the cache, logits at the last position only
         with self.torch.no_grad():
-            self.model(**self.kw, use_cache=True)
+            self.model(**self.kw, use_cache=True, logits_to_keep=1)
         self.sync()
 
     def choices(self):
@@ -340,8 +360,15 @@ def main(argv=None) -> dict:
     if ref is not None:
         result["torch_side"] = ref.call("info")
         ref.close()
-    f_pre, f_cho = ours.prefill_flops()
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    f_model, f_pre, f_cho = ours.prefill_flops()
+    peak_info = None
+    if args.peak_tflops:
+        peak = args.peak_tflops * 1e12
+    elif perf.chip_spec() is None:  # CPU: the machine's measured matmul rate (JAX, float32)
+        peak_info = report.matmul_peak()
+        peak = peak_info["tflop_s"] * 1e12
+    else:
+        peak = None  # the chip's tabled bf16 peak (`arr_jax.perf.CHIPS`)
 
     def side(n):
         m = lambda k: t[k].get(n, {}).get("median_s")  # noqa: E731
@@ -350,8 +377,9 @@ def main(argv=None) -> dict:
         dec = m("genN") - m("gen1")  # the new_tokens - 1 decode steps
         return {"prefill_tok_s": B * s / m("prefill"), "decisions_s": B / m("choice"),
                 "decode_tok_s": B * (new_tokens - 1) / dec if dec > 0 else None, "release_decisions_s": B / m("release"),
-                "prefill_tflop_s": f_pre / m("prefill") / 1e12, "prefill_mfu": perf.mfu(f_pre, m("prefill"), peak_flops=peak),
-                "choice_mfu": perf.mfu(f_cho, m("choice"), peak_flops=peak)}
+                "prefill_tflop_s": f_model / m("prefill") / 1e12,
+                "prefill_mfu": perf.mfu(f_model, m("prefill"), peak_flops=peak),
+                "choice_mfu": perf.mfu(f_model, m("choice"), peak_flops=peak)}
 
     o, r = side("ours"), side("transformers")
     rows = [
@@ -363,15 +391,29 @@ def main(argv=None) -> dict:
         {"row": "prefill MFU", "ours": o["prefill_mfu"], "ref": r.get("prefill_mfu")},
         {"row": "prefill TFLOP/s", "ours": o["prefill_tflop_s"], "ref": r.get("prefill_tflop_s")},
     ]
-    for row in rows[:4]:
-        row["ratio"] = report.ratio(row["ours"], row["ref"])
+    have = lambda k: [t[k]["transformers"]] if "transformers" in t[k] else []  # noqa: E731
+    for row, ours_t, ref_t in zip(rows, ([t["prefill"]["ours"]], [t["choice"]["ours"]],
+                                         [t["genN"]["ours"], t["gen1"]["ours"]], [t["choice"]["ours"]]),
+                                  (have("prefill"), have("choice"), have("genN") + have("gen1"), have("release"))):
+        report.add_ratio(row, "ours", "ref", ours_t, ref_t)
+    for name in ("ours", "transformers"):  # a decode rate is a difference of two calls' times
+        n_t, one_t = t["genN"].get(name, {}).get("times_s"), t["gen1"].get(name, {}).get("times_s")
+        if rows[2]["ratio_status"] == "ok" and n_t and one_t and min(n_t) <= max(one_t):
+            rows[2]["ratio_status"] = "noise"
+            rows[2]["ratio_shown"] = (f"not resolved: {name}'s {new_tokens}-token and 1-token generate times "
+                                      "overlap between repeats")
     result.update({"preset": args.preset, "model_dir": model_dir, "dtype": dtype, "batch": B, "prompt_tokens": s,
                    "image_size": image_size, "new_tokens": new_tokens, "verdict_tokens": args.verdict_tokens,
-                   "reps": reps, "timing": t, "ours": o, "transformers": r, "prefill_flops": f_pre,
-                   "choice_flops": f_cho, "rows": rows})
-    md = report.table(rows, [("metric", "row"), ("ours", "ours"), ("transformers", "ref"), ("ratio", "ratio")])
-    md += (f"\n\nQwen3-VL judge ({args.preset}): batch {B} pairs, {s} prompt tokens, {dtype}, prefill "
-           f"{f_pre / 1e9:.1f} GFLOP; MFU needs a known chip (CPU: -)")
+                   "reps": reps, "timing": t, "ours": o, "transformers": r, "model_flops": f_model,
+                   "prefill_flops": f_pre, "choice_flops": f_cho, "rows": rows, "peak": peak_info or (
+                       {"tflop_s": peak / 1e12, "source": "--peak_tflops"} if peak else None)})
+    md = report.table(rows, [("metric", "row"), ("ours", "ours"), ("transformers", "ref"), ("ratio", "ratio_shown")])
+    md += (f"\n\nQwen3-VL judge ({args.preset}): batch {B} pairs, {s} prompt tokens, {dtype}; model FLOPs of a "
+           f"prefill {f_model / 1e9:.2f} G (ours computes {f_pre / 1e9:.2f} G: the last layer at the last position "
+           f"only); MFU = model FLOPs / s / peak, peak "
+           + (f"{peak_info['tflop_s'] * 1e3:.0f} GFLOP/s measured ({peak_info['n']}^3 float32 matmul, JAX, load "
+              f"{peak_info['load']})" if peak_info else ("tabled for the chip" if peak is None else
+                                                          f"{peak / 1e12:.3g} TFLOP/s given")))
     result["markdown_table"] = md
     out = report.write(result, args.out or f"runs/benchmarks/judge_{args.preset}.json")
     report.print_result("judge", md, result)

@@ -153,6 +153,81 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return float(a) / float(b)
 
 
+def matmul_peak(n: int = 2048, reps: int = 5, dtype: str = "float32") -> dict:
+    """The machine's measured dense matmul rate with JAX: best of ``reps`` ``n x n @ n x n`` products
+    on the default device (``2 n^3`` FLOPs each). Returns ``{"tflop_s", "n", "dtype", "seconds",
+    "load"}``. On a CPU, where no chip peak is tabled, it is the peak the benchmarks' MFU is a
+    share of (the issue's "machine's matmul peak"; a loaded machine gives a lower figure)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), getattr(jnp, dtype))
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, a))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a, a))
+        best = min(best, time.perf_counter() - t)
+    return {"tflop_s": 2 * n ** 3 / best / 1e12, "n": n, "dtype": dtype, "seconds": best, "load": load()}
+
+
+def timer_resolution_s() -> float:
+    """The smallest interval the benchmarks can time: ``time.perf_counter``'s stated resolution or the
+    measured cost of timing an empty call (median of 1000), whichever is larger."""
+    stated = time.get_clock_info("perf_counter").resolution
+    costs = []
+    for _ in range(1000):
+        t = time.perf_counter()
+        costs.append(time.perf_counter() - t)
+    return max(float(stated), float(np.median(costs)))
+
+
+# a row is resolved when every timed call lasts at least this many timer resolutions (1% error)
+MIN_RESOLUTIONS = 100
+
+
+def resolve(ratio: float | None, ours: list[dict], ref: list[dict],
+            resolution_s: float | None = None) -> tuple[str, str]:
+    """Whether a speedup ``ratio`` (ours / reference) can be told from the timings it came from.
+
+    ``ours`` and ``ref``: the `interleaved` timings (``times_s`` lists) of each side's calls that the
+    row is computed from (several for a derived row, e.g. a decode rate from two generate calls).
+    Returns ``(status, shown)``: status ``"ok"`` with the ratio formatted, or, instead of a speedup,
+
+      * ``"missing"``: a side was not measured;
+      * ``"one_repeat"``: a side has fewer than 2 timed repeats, so its spread is unknown;
+      * ``"below_resolution"``: a timed call is shorter than `MIN_RESOLUTIONS` x the timer's
+        resolution (`timer_resolution_s`);
+      * ``"noise"``: a side's repeats vary (max / min) by more than the ratio claims
+        (``max(ratio, 1/ratio)``), so the same code could show the opposite result in the next run.
+    """
+    if ratio is None or not ours or not ref or any(not t.get("times_s") for t in ours + ref):
+        return "missing", "-"
+    times = [np.asarray(t["times_s"], float) for t in ours + ref]
+    if min(len(t) for t in times) < 2:
+        return "one_repeat", f"not resolved: 1 repeat (ratio {fmt(ratio)})"
+    res = timer_resolution_s() if resolution_s is None else resolution_s
+    shortest = min(float(t.min()) for t in times)
+    if shortest < MIN_RESOLUTIONS * res:
+        return "below_resolution", f"not resolved: {shortest:.2g} s calls, timer resolution {res:.2g} s"
+    spread = max(float(t.max() / t.min()) if t.min() > 0 else float("inf") for t in times)
+    claim = max(ratio, 1 / ratio) if ratio > 0 else float("inf")
+    if spread > claim:
+        return "noise", f"not resolved: repeats vary x{spread:.2f} > ratio {fmt(ratio)}"
+    return "ok", fmt(ratio)
+
+
+def add_ratio(row: dict, ours_key: str, ref_key: str, ours: list[dict], ref: list[dict], *,
+              higher_is_better: bool = True) -> dict:
+    """Set ``row["ratio"]`` (ours / reference of the two rates, or reference / ours of two times when
+    ``higher_is_better`` is False), ``row["ratio_status"]`` and ``row["ratio_shown"]`` (`resolve`)."""
+    r = ratio(row.get(ours_key), row.get(ref_key)) if higher_is_better else ratio(row.get(ref_key), row.get(ours_key))
+    row["ratio"] = r
+    row["ratio_status"], row["ratio_shown"] = resolve(r, ours, ref)
+    return row
+
+
 def fmt(x, digits: int = 3) -> str:
     if x is None:
         return "-"

@@ -86,6 +86,22 @@ def test_iteration_tiny(suite):
     assert {"rollout", "decode", "judge", "reference", "update", "iteration"} <= set(phases)
     for ph in ("rollout", "decode", "judge", "reference", "update"):
         assert phases[ph]["seconds"] > 0 and phases[ph]["gflop"] > 0, ph
+    # --against release: the release's loop in PyTorch ran a whole iteration at the same shapes
+    assert "against the release's loop" in suite[1]
+    rel = res["release"]
+    assert rel["verdict_tokens"] == 30 and len(rel["runs"]) == 1
+    assert rel["runs"][0]["images"] == [2 * res["pairs"], res["res"], res["res"], 3]
+    assert len(rel["runs"][0]["winners"]) == res["pairs"]
+    against = {r["phase"]: r for r in res["against_rows"]}
+    assert list(against) == ["rollout", "decode", "judge", "reference", "update", "iteration", "images/s"]
+    for ph in ("rollout", "decode", "judge", "reference", "update"):
+        assert against[ph]["ours_s"] > 0 and against[ph]["ref_s"] > 0, ph
+        assert abs(against[ph]["ratio"] - against[ph]["ref_s"] / against[ph]["ours_s"]) <= 1e-9 * against[ph]["ratio"]
+    it = against["iteration"]
+    assert it["ref_s"] == pytest.approx(sum(rel["runs"][0]["seconds"][ph] for ph in
+                                            ("rollout", "decode", "judge", "reference", "update")))
+    assert against["images/s"]["ours_s"] == pytest.approx(2 * res["pairs"] / it["ours_s"])
+    assert it["ratio_status"] == "one_repeat"  # --iters 1: the table says so instead of a speedup
 
 
 def test_suite_summary(suite):
@@ -105,3 +121,17 @@ def test_output_inside_the_sources_is_refused(tmp_path):
     with pytest.raises(ValueError, match="source tree"):
         report.write({}, ROOT / "benchmarks" / "x.json")
     assert report.write({}, tmp_path / "x.json").exists()
+
+
+def test_judge_ablation_tiny(tmp_path):
+    """ablation.py --what judge: the judge's programs as they were and as they are, interleaved; the
+    before and after prefills give the same logits (checked inside), and every row is reported."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import ablation
+
+    res = ablation.main(["--what", "judge", "--preset", "tiny", "--reps", "2", "--out", str(tmp_path / "a.json")])
+    assert [r["variant"] for r in res["rows"]] == ["prefill before", "prefill +cache_maker", "prefill after",
+                                                    "choice before", "choice after"]
+    for r in res["rows"]:
+        assert r["ms"] > 0 and r["ratio_status"] in ("ok", "noise", "below_resolution")
+    assert (tmp_path / "a.json").exists()

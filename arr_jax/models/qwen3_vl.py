@@ -116,15 +116,19 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         """
         hidden = self.hidden_states(input_ids, positions, attention_mask, pixel_values=pixel_values,
                                     pos_index=pos_index, pos_weight=pos_weight, rope_pos=rope_pos,
-                                    patch_len=patch_len, image_index=image_index)
+                                    patch_len=patch_len, image_index=image_index, last_only=last_only)
         if last_only:
             hidden = hidden[:, -1]
         return self.logits(hidden)
 
     def hidden_states(self, input_ids, positions, attention_mask, *, pixel_values=None, pos_index=None,
                       pos_weight=None, rope_pos=None, patch_len=None, image_index=None,
-                      cache_k=None, cache_v=None, cache_index=None, mask=None):
-        """Decoder output after the final norm ``(B, S, E)`` (plus caches when given)."""
+                      cache_k=None, cache_v=None, cache_index=None, mask=None, last_only: bool = False):
+        """Decoder output after the final norm ``(B, S, E)`` (plus caches when given).
+
+        With ``last_only`` the output is the last position's ``(B, 1, E)``: the last layer's
+        queries, attention output and MLP run there only (`Qwen3VLTextModel`), while the caches are
+        still filled for every position."""
         image_embeds = deepstack = None
         if pixel_values is not None:
             image_embeds, deepstack = self.encode_images(pixel_values, pos_index, pos_weight, rope_pos, patch_len)
@@ -135,7 +139,8 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             mask = causal[None] & (attention_mask[:, None, :] > 0)
         lm = self.model.language_model
         out, ck, cv = lm(x, positions, mask, visual_index=image_index if deepstack is not None else None,
-                         deepstack=deepstack, cache_k=cache_k, cache_v=cache_v, cache_index=cache_index)
+                         deepstack=deepstack, cache_k=cache_k, cache_v=cache_v, cache_index=cache_index,
+                         last_only=last_only)
         if cache_k is None:
             return out
         return out, ck, cv

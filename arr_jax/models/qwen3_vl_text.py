@@ -209,19 +209,23 @@ class Qwen3VLTextAttention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = h, kvh, d
         self.rules = rules
 
-    def __call__(self, x, cos, sin, mask, cache=None, layer: int = 0, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, layer: int = 0, cache_index=None, last_only: bool = False):
         """x ``(B, S, E)``; cache: optional stacked ``(k, v)`` each ``(L, B, T, KVH, D)``.
 
         New keys/values are written into layer ``layer`` of the cache at ``cache_index`` (in place
-        under donation) and the queries attend over that layer's whole cache.
-        Returns ``(out (B, S, E), cache)``.
+        under donation) and the queries attend over that layer's whole cache (at a static
+        ``cache_index`` of 0, a prefill into an empty cache, over the ``S`` new keys only).
+        With ``last_only`` keys and values still come from all ``S`` positions but only the last
+        position queries (``mask`` keeps its ``(B, S, T)`` shape; its last row is used).
+        Returns ``(out (B, S, E) or (B, 1, E) with last_only, cache)``.
         """
         b, s, _ = x.shape
         r = self.rules
-        q = self.q_norm(self.q_proj(x).reshape(b, s, self.heads, self.head_dim))
+        xq, cq, sq = (x[:, -1:], cos[:, -1:], sin[:, -1:]) if last_only else (x, cos, sin)
+        q = self.q_norm(self.q_proj(xq).reshape(b, xq.shape[1], self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(b, s, self.kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(b, s, self.kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)
         q = shard(q, r, "batch", "seq", "act_heads", None)
         if cache is not None:
             ck, cv = cache
@@ -229,11 +233,19 @@ class Qwen3VLTextAttention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             cache = (ck, cv)
-            k, v = ck[layer], cv[layer]
+            if isinstance(cache_index, int) and cache_index == 0:
+                # a prefill into an empty cache: the keys are this call's own S (the slots after
+                # them are empty and masked), so attend over those instead of the cache's T slots
+                k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+                mask = mask[..., :s]
+            else:
+                k, v = ck[layer], cv[layer]
         k = shard(k, r, "batch", "seq", "act_heads", None)
         v = shard(v, r, "batch", "seq", "act_heads", None)
+        if last_only:
+            mask = mask[:, -1:]
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, s, self.heads * self.head_dim)), cache
+        return self.o_proj(out.reshape(b, q.shape[1], self.heads * self.head_dim)), cache
 
 
 class Qwen3VLTextMLP(nnx.Module):
@@ -254,8 +266,12 @@ class Qwen3VLTextDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def __call__(self, x, cos, sin, mask, cache=None, layer: int = 0, cache_index=None):
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, cache_index)
+    def __call__(self, x, cos, sin, mask, cache=None, layer: int = 0, cache_index=None, last_only: bool = False):
+        """``(B, S, E) -> (B, S, E)``, or ``(B, 1, E)`` (the last position) with ``last_only``: the
+        keys/values of all positions are still computed (and cached), the rest only for the last one."""
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, cache_index, last_only)
+        if last_only:
+            x = x[:, -1:]
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
@@ -276,7 +292,7 @@ class Qwen3VLTextModel(nnx.Module):
     def __call__(self, embeds: Array, positions: Array, mask: Array, *,
                  visual_index: Array | None = None, deepstack: Array | None = None,
                  cache_k: Array | None = None, cache_v: Array | None = None,
-                 cache_index: Array | int | None = None):
+                 cache_index: Array | int | None = None, last_only: bool = False):
         """Run the decoder.
 
         Args:
@@ -286,8 +302,14 @@ class Qwen3VLTextModel(nnx.Module):
           visual_index: ``(B, S)`` int32 row of the visual features for image tokens, ``-1`` elsewhere.
           deepstack: ``(K, N_vis, E)`` features added after layers ``0..K-1`` at image tokens.
           cache_k, cache_v: ``(L, B, T, KVH, D)`` caches; written at ``cache_index``.
+          last_only: only the last position's output is wanted (choice scoring, the prefill's next
+            token): the last layer computes its keys/values for all positions (the cache needs them)
+            and its queries, attention output, MLP and the final norm for the last position only,
+            which skips nearly one layer's work out of ``L``; the result equals the last row of the
+            full forward.
 
-        Returns ``(hidden (B, S, E) after the final norm, cache_k, cache_v)`` (caches None without).
+        Returns ``(hidden (B, S, E) after the final norm, or (B, 1, E) with last_only, cache_k,
+        cache_v)`` (caches None without).
         """
         r = self.rules
         cos, sin = mrope_cos_sin(positions, self.cfg)
@@ -296,8 +318,12 @@ class Qwen3VLTextModel(nnx.Module):
             vis_mask = (visual_index >= 0)[..., None]
             vis_rows = jnp.maximum(visual_index, 0)
         cache = None if cache_k is None else (cache_k, cache_v)
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, mask, cache, i, cache_index)
+            last = last_only and i == n - 1
+            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, last)
+            if last and deepstack is not None:
+                vis_mask, vis_rows = vis_mask[:, -1:], vis_rows[:, -1:]
             if deepstack is not None and i < deepstack.shape[0]:
                 feat = jnp.take(deepstack[i], vis_rows, axis=0).astype(x.dtype)
                 x = x + jnp.where(vis_mask, feat, jnp.zeros((), x.dtype))
