@@ -423,6 +423,21 @@ def _stop_on_signals() -> None:
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
 
 
+def _resume_hint() -> str:
+    """Where an interrupted run can be resumed from: the config's ``workdir`` checkpoints, if any."""
+    try:
+        workdir = _CONFIG.value.get("workdir", "")
+    except Exception:  # noqa: BLE001 - no config parsed yet
+        return ""
+    if not workdir:
+        return ""
+    ckpts = Path(workdir) / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpts.glob("*") if p.is_dir() and p.name.isdigit()) if ckpts.is_dir() else []
+    if not steps:
+        return f"Nothing was checkpointed yet ({ckpts}); rerunning the same command starts again."
+    return f"Rerun the same command to resume from iteration {steps[-1]} ({ckpts})."
+
+
 def run_main(main) -> None:
     """absl entry: distributed start-up when asked, quiet library logs, user errors as one line.
 
@@ -463,6 +478,11 @@ def run_main(main) -> None:
                     print(e.code, file=sys.stderr, flush=True)  # what the interpreter would print
                 _fail_alone(e.code if isinstance(e.code, int) else 1)
             raise
+        except KeyboardInterrupt:
+            if _processes()[1] > 1:
+                _fail_alone(130)
+            print(f"interrupted (Ctrl-C). {_resume_hint()}", file=sys.stderr, flush=True)
+            sys.exit(130)
         except BaseException as e:  # noqa: BLE001 - re-raised unless several processes run
             _peer_lost(e)
             _fail_alone(1, e)

@@ -306,3 +306,26 @@ def test_launch_scripts_without_their_prerequisites_say_what_to_do(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
     assert "gcloud not found" in one_line(tpu, "my-v5e", "us-west4-a", f"touch {marker}", PATH=str(empty))
+
+
+def test_ctrl_c_is_one_line_saying_where_to_resume(tmp_path):
+    """Ctrl-C (KeyboardInterrupt) ends an entry point with exit 130 and one line naming the checkpoint to
+    resume from (or saying there is none yet), no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "entry.py"
+    script.write_text("from arr_jax.cli import config_from_flags, run_main\n\n"
+                      "def main(argv):\n    config_from_flags()\n    raise KeyboardInterrupt\n\nrun_main(main)\n")
+    for steps, want in (([], "Nothing was checkpointed yet"), ([1, 3], "resume from iteration 3")):
+        work = tmp_path / f"run{len(steps)}"
+        for s in steps:
+            (work / "checkpoints" / str(s)).mkdir(parents=True)
+        r = subprocess.run([sys.executable, str(script), f"--config={root / 'configs' / 'demo.py'}",
+                            f"--config.workdir={work}", "--config.judge.rubric="], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 130, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("interrupted (Ctrl-C).") and want in last and str(work / "checkpoints") in last
