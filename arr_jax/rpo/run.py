@@ -7,7 +7,8 @@ and the training loop with checkpoints, LoRA export, held-out evaluation and pic
 
 Outputs under ``cfg.workdir``: ``checkpoints/`` (orbax: trained weights, optimiser, RNG,
 iteration, metric history), ``lora/step_<N>.safetensors`` and ``lora/final.safetensors``
-(diffusers / PEFT layout; metadata: rubric sha256, judge, policy, RPO settings), ``run.json``
+(diffusers / PEFT layout; metadata: rubric sha256, judge, policy, RPO settings, the ``rpo.init_lora``
+file it started from), ``run.json``
 (what the run is), ``tensorboard/``, ``eval/eval_<N>.png`` grids, ``reward_and_win_rate.png``,
 ``curves.png`` and ``report.json``.
 """
@@ -64,6 +65,7 @@ class RPORun:
     eval_prompts: list[PromptItem]
     workdir: Path
     resume_changes: list = dataclasses.field(default_factory=list)  # deliberate input changes on resume
+    init_lora: dict | None = None   # rpo.init_lora: the file the adapters started from (path, sha256, rank, alpha)
 
     @property
     def is_writer(self) -> bool:
@@ -157,6 +159,10 @@ def build_run(cfg) -> RPORun:
     workdir = Path(cfg.workdir)
     train_prompts = build_prompts(cfg, "train")
     eval_prompts = build_prompts(cfg, "eval") if cfg.rpo.get("eval_every", 0) else []
+    if cfg.rpo.get("init_lora", ""):  # a missing file or a wrong rank fails before any weight loads
+        from arr_jax.rpo.init_lora import read_init_lora
+
+        read_init_lora(cfg.rpo.init_lora, cfg.rpo)
     rules, judge_rules = mesh_rules(cfg)
     if jax.process_index() == 0:
         print(f"mesh: policy {_describe(rules)}, judge {_describe(judge_rules)}; {jax.process_count()} process(es), "
@@ -170,12 +176,24 @@ def build_run(cfg) -> RPORun:
         raise ValueError(f"judge.kind {cfg.judge.kind!r} cannot judge edits: use 'qwen3_vl' or 'api' with the "
                          f"{cfg.kind} policy")
     evaluator = build_evaluator(cfg, judge, eval_prompts, workdir, judge_rules)
+    init, reference = None, "base"
+    if cfg.rpo.get("init_lora", ""):
+        from arr_jax.rpo.init_lora import REFERENCES, load_init_lora
+
+        reference = cfg.rpo.get("init_lora_reference", "init")
+        if reference not in REFERENCES:
+            raise ValueError(f"bad config value rpo.init_lora_reference: {reference!r} is not one of {REFERENCES}")
+        if policy.export_lora is None and not cfg.rpo.get("full_finetune", False):
+            raise ValueError(f"bad config value rpo.init_lora: the {cfg.kind} policy has no diffusers / PEFT LoRA "
+                             "layout to start from; pass --config.rpo.init_lora=''")
+        with stage(f"loading the initial LoRA {cfg.rpo.init_lora}"):
+            init = {**load_init_lora(policy.model, cfg.rpo.init_lora, cfg.rpo), "reference": reference}
     trainer = RPOTrainer(policy, judge, rpo_settings(cfg.rpo), rules=rules, seed=cfg.seed,
                          trainable="full" if cfg.rpo.get("full_finetune", False) else "lora",
                          order_check_pairs=cfg.judge.get("order_check_pairs", 4),
-                         order_flip_warn=cfg.judge.get("order_flip_warn", 0.3))
+                         order_flip_warn=cfg.judge.get("order_flip_warn", 0.3), reference=reference)
     return RPORun(cfg=cfg, policy=policy, trainer=trainer, judge=judge, evaluator=evaluator,
-                  train_prompts=train_prompts, eval_prompts=eval_prompts, workdir=workdir)
+                  train_prompts=train_prompts, eval_prompts=eval_prompts, workdir=workdir, init_lora=init)
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -186,14 +204,18 @@ def run_metadata(run: RPORun) -> dict:
     return {"policy": run.policy.identity, "judge": run.judge.identity,
             "rubric_sha256": run.judge.rubric_sha256, "rubric_path": run.judge.identity.get("rubric_path"),
             "rpo": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.to_dict().items()},
-            "prompts_sha256": prompts_sha256(run.train_prompts), "resume_changes": list(run.resume_changes)}
+            "prompts_sha256": prompts_sha256(run.train_prompts), "resume_changes": list(run.resume_changes),
+            "init_lora": run.init_lora}
 
 
 def _signature(run: RPORun) -> dict:
     r = run.cfg.rpo
-    return {"policy": run.policy.identity, "rubric_sha256": run.judge.rubric_sha256,
-            "lora": {"rank": r.lora_rank, "alpha": r.lora_alpha, "targets": list(r.lora_targets),
-                     "full_finetune": bool(r.get("full_finetune", False))}}
+    sig = {"policy": run.policy.identity, "rubric_sha256": run.judge.rubric_sha256,
+           "lora": {"rank": r.lora_rank, "alpha": r.lora_alpha, "targets": list(r.lora_targets),
+                    "full_finetune": bool(r.get("full_finetune", False))}}
+    if run.trainer.mode == "lora" and run.trainer.reference == "init":  # the checkpoint also holds the reference
+        sig["lora"]["reference"] = "init"
+    return sig
 
 
 def _check_rubric(ckpt, run: RPORun) -> None:
