@@ -91,6 +91,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.induce.workdir = c.get_ref("workdir") + "/rubric"
     c.induce.progress = False
 
+    # --- logging (TensorBoard always, under workdir/tensorboard) -----------------------------
+    c.log = ml_collections.ConfigDict()
+    c.log.wandb = False             # also Weights & Biases: the same scalars, eval grids, final LoRA (pip install -e ".[wandb]")
+    c.log.wandb_project = "arr_jax"
+    c.log.wandb_entity = ""         # "" = your default entity
+    c.log.wandb_name = ""           # "" = the workdir's name
+    c.log.wandb_mode = ""           # "" = WANDB_MODE or W&B's default; "online", "offline" (no network) or "disabled"
+
     # --- the reward judge ----------------------------------------------------------------
     # The text judge over the world backend checks the criteria the rubric names; both orders,
     # a win only when they agree (the backend breaks its own ties towards Image 1).

@@ -10,7 +10,8 @@ iteration, metric history), ``lora/step_<N>.safetensors`` and ``lora/final.safet
 (diffusers / PEFT layout; metadata: rubric sha256, judge, policy, RPO settings, the ``rpo.init_lora``
 file it started from), ``run.json``
 (what the run is), ``tensorboard/``, ``eval/eval_<N>.png`` grids, ``reward_and_win_rate.png``,
-``curves.png`` and ``report.json``.
+``curves.png`` and ``report.json``; with ``log.wandb`` the same scalars, grids and final LoRA in a
+Weights & Biases run under ``wandb/`` (`arr_jax.rpo.wandb_log`).
 """
 from __future__ import annotations
 
@@ -156,6 +157,9 @@ def _describe(rules) -> str:
 def build_run(cfg) -> RPORun:
     """Read the prompts first (bad files fail before anything is built), then the policy,
     the judge and the evaluator, and the trainer over them."""
+    from arr_jax.rpo.wandb_log import check_wandb
+
+    check_wandb(cfg)            # config.log.wandb without the package fails before anything loads
     workdir = Path(cfg.workdir)
     train_prompts = build_prompts(cfg, "train")
     eval_prompts = build_prompts(cfg, "eval") if cfg.rpo.get("eval_every", 0) else []
@@ -366,7 +370,11 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
     if run.policy.precompute is not None:
         with stage(f"encoding {len(run.train_prompts) + len(run.eval_prompts)} prompts (training and held-out)"):
             run.policy.precompute(run.train_prompts + run.eval_prompts)
-    writer = SummaryWriter(str(work / "tensorboard")) if run.is_writer else None
+    writer = None
+    if run.is_writer:  # TensorBoard, and Weights & Biases with config.log.wandb (the same scalars and grids)
+        from arr_jax.rpo.wandb_log import RunWriter, start_wandb
+
+        writer = RunWriter(SummaryWriter(str(work / "tensorboard")), start_wandb(cfg, work, meta))
     keep_best = bool(r.get("keep_best", False)) and run.evaluator is not None
     best_ckpt = Checkpointer((work / "best").absolute(), max_to_keep=1, model_signature=signature)
     best = {"iteration": -1, "score": -1.0}
@@ -425,6 +433,8 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
             history[-1] = {**history[-1], "best_iteration": best["iteration"], "best_score": best["score"]}
     final = export_lora(run, "final", trainer.iteration)
     if writer is not None:
+        writer.log_lora(final, json.loads(json.dumps({**run_metadata(run), "iteration": trainer.iteration},
+                                                     default=str)))
         writer.flush()
         writer.close()
     if run.is_writer and history:
