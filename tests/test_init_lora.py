@@ -242,3 +242,34 @@ def test_flux_other_rank_is_refused_before_loading(flux, tmp_path):
     with pytest.raises(ValueError, match=r"adapts modules the run does not \(targets attn.add_k_proj, "
                                          r"attn.add_q_proj, attn.add_v_proj, attn.to_add_out \.\.\."):
         build_run(cfg)
+
+
+def test_demo_config_starts_from_its_own_export(tmp_path):
+    """The world demo's config (shipped base, its LoRA targets and rank): a run's exported LoRA given as
+    ``rpo.init_lora`` to a new run gives the same iteration-0 samples, and a file of the FLUX tiny rank is
+    refused by the demo's key."""
+    sys.path.insert(0, str(ROOT / "configs"))
+    import demo as demo_config
+
+    from arr_jax.rpo.run import build_run, export_lora, run_metadata
+
+    def config(**rpo):
+        c = demo_config.get_config("tiny")
+        c.workdir = str(tmp_path / "run")
+        c.judge.kind, c.judge.rubric = "world_programmatic", ""
+        c.rpo.eval_every = 0
+        c.rpo.update(rpo)
+        return c
+
+    first = build_run(config())
+    _perturb(first.policy.model, 4, scale=0.2)
+    path = export_lora(first, "exported", 0)
+    second = build_run(config(init_lora=str(path), init_lora_reference="base"))
+    assert run_metadata(second)["init_lora"]["sha256"] == file_sha256(path)
+    assert second.trainer.reference == "base"
+    prompts, seeds = ["two red circles on the left"] * 2 + ["one blue square on the top"] * 2, [1, 2, 3, 4]
+    want = first.trainer.generate(prompts, seeds, sampler="ode")
+    assert np.array_equal(second.trainer.generate(prompts, seeds, sampler="ode"), want)
+    assert not np.array_equal(second.trainer.generate(prompts, seeds, sampler="ode", use_reference=True), want)
+    with pytest.raises(ValueError, match=r"has LoRA rank 8 but rpo.lora_rank=2; pass --config.rpo.lora_rank=8"):
+        build_run(config(init_lora=str(path), lora_rank=2))
