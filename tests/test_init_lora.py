@@ -273,3 +273,21 @@ def test_demo_config_starts_from_its_own_export(tmp_path):
     assert not np.array_equal(second.trainer.generate(prompts, seeds, sampler="ode", use_reference=True), want)
     with pytest.raises(ValueError, match=r"has LoRA rank 8 but rpo.lora_rank=2; pass --config.rpo.lora_rank=8"):
         build_run(config(init_lora=str(path), lora_rank=2))
+
+
+def test_resume_signature_without_init_lora_is_unchanged():
+    """Runs checkpointed before ``rpo.init_lora`` existed resume: the unset keys are not in the signature."""
+    import types
+
+    sys.path.insert(0, str(ROOT / "configs"))
+    import demo as demo_config
+
+    from arr_jax.rpo.run import resume_signature
+
+    cfg = demo_config.get_config("tiny")
+    fake = types.SimpleNamespace(cfg=cfg, train_prompts=[], policy=types.SimpleNamespace(identity={}),
+                                 judge=types.SimpleNamespace(identity={}))
+    assert not {"init_lora", "init_lora_reference"} & set(resume_signature(fake)["rpo"])
+    cfg.rpo.init_lora = "a.safetensors"
+    assert resume_signature(fake)["rpo"]["init_lora"] == "a.safetensors"
+    assert resume_signature(fake)["rpo"]["init_lora_reference"] == "init"

@@ -253,6 +253,9 @@ def resume_signature(run: RPORun) -> dict:
     r = run.cfg.rpo
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(r.to_dict().items())
                 if k not in _NOT_OBJECTIVE}
+    if not settings.get("init_lora"):  # unset: the signature of runs from before rpo.init_lora existed
+        settings.pop("init_lora", None)
+        settings.pop("init_lora_reference", None)
     return json.loads(json.dumps({
         "prompts": {"sha256": prompts_sha256(run.train_prompts), "count": len(run.train_prompts),
                     "file": run.cfg.get("prompts_file", "") or None},
