@@ -685,8 +685,8 @@ class RPOTrainer:
                  sampler: str = "sde", sigmas=None) -> np.ndarray:
         """One image per (prompt, seed): uint8 (len(local_indices(n)), H, W, 3): this process's items.
 
-        The noise depends only on the seed, so the current and the reference policy (LoRA off, or the initial LoRA: ``reference="init"``)
-        are compared on identical noise. ``sampler``: "sde" (the rollout sampler; its step noise
+        The noise depends only on the seed, so the current and the reference policy (LoRA off, or
+        the initial LoRA with ``reference="init"``) are compared on identical noise. ``sampler``: "sde" (the rollout sampler; its step noise
         also fixed by the first seed of each chunk) or "ode" (deterministic Euler). ``sigmas``
         (T'+1,) default to the rollout's. Every process must call it with the same arguments.
         """
