@@ -200,7 +200,7 @@ def test_flux_iteration_zero_equals_sampling_with_the_file(flux, tmp_path):
     assert run.trainer.reference == "init"
     meta = run_metadata(run)["init_lora"]
     assert meta["sha256"] == file_sha256(path) and meta["alpha"] == 8.0 and meta["rank"] == 2
-    assert meta["modules"] == 8 + 3 and meta["reference"] == "init"  # 8 targets in the double block, q/k/v in the single
+    assert meta["modules"] == 8 + 3 and meta["reference"] == "init"  # 8 in the double block, q/k/v in the single
 
     scfg = cfg.copy_and_resolve_references()
     scfg.rpo.init_lora = ""

@@ -120,7 +120,8 @@ def test_offline_run_holds_scalars_grids_and_the_lora(tmp_path, monkeypatch):
     for (tag, step), value in tb.items():
         assert rows[step][tag] == pytest.approx(value, rel=1e-6), (tag, step)
     for step, h in zip((1, 2), hist):
-        assert rows[step]["reward_mean"] == pytest.approx(h["reward_mean"]) and rows[step]["kl"] == pytest.approx(h["kl"])
+        assert rows[step]["reward_mean"] == pytest.approx(h["reward_mean"])
+        assert rows[step]["kl"] == pytest.approx(h["kl"])
     # the evaluation grid of each step, as an image file in the run directory
     for step in (1, 2):
         grid = rows[step]["eval/grid"]
