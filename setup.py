@@ -61,5 +61,6 @@ setup(
         "test": TEST,
         "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda12]==0.10.2"],
+        "wandb": ["wandb==0.31.0"],     # config.log.wandb (arr_jax.rpo.wandb_log)
     },
 )

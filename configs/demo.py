@@ -91,6 +91,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.induce.workdir = c.get_ref("workdir") + "/rubric"
     c.induce.progress = False
 
+    # --- logging (TensorBoard always, under workdir/tensorboard) -----------------------------
+    c.log = ml_collections.ConfigDict()
+    c.log.wandb = False             # also Weights & Biases: the same scalars, eval grids, final LoRA (pip install -e ".[wandb]")
+    c.log.wandb_project = "arr_jax"
+    c.log.wandb_entity = ""         # "" = your default entity
+    c.log.wandb_name = ""           # "" = the workdir's name
+    c.log.wandb_mode = ""           # "" = WANDB_MODE or W&B's default; "online", "offline" (no network) or "disabled"
+
     # --- the reward judge ----------------------------------------------------------------
     # The text judge over the world backend checks the criteria the rubric names; both orders,
     # a win only when they agree (the backend breaks its own ties towards Image 1).
@@ -131,6 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rpo.lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                           "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     c.rpo.full_finetune = False
+    c.rpo.init_lora = ""            # start from this diffusers / PEFT LoRA file (rank and targets must match)
+    c.rpo.init_lora_reference = "init"  # KL anchor + held-out baseline: "init" (that LoRA) or "base" (LoRA off)
     c.rpo.checkpoint_every = 10
     c.rpo.eval_every = 20           # held-out win rate against the base (and the world's criteria)
     c.rpo.keep_best = False         # True: end with the best held-out weights (selects on the eval prompts)

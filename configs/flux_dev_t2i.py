@@ -94,11 +94,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rpo.height = 512
     c.rpo.width = 512
     c.rpo.full_finetune = False
+    c.rpo.init_lora = ""            # start from this diffusers / PEFT LoRA file (rank and targets must match)
+    c.rpo.init_lora_reference = "init"  # KL anchor + held-out baseline: "init" (that LoRA) or "base" (LoRA off)
     c.rpo.checkpoint_every = 10
     c.rpo.eval_every = 20           # held-out win rate against the base (LoRA off)
     c.rpo.keep_best = False
     c.rpo.allow_resume_changes = False  # True: resume with changed prompts / snapshots / objective (recorded in run.json)
     c.rpo.departures = ()
+
+    # --- logging (TensorBoard always, under workdir/tensorboard) -----------------------------
+    c.log = ml_collections.ConfigDict()
+    c.log.wandb = False             # also Weights & Biases: the same scalars, eval grids, final LoRA (pip install -e ".[wandb]")
+    c.log.wandb_project = "arr_jax"
+    c.log.wandb_entity = ""         # "" = your default entity
+    c.log.wandb_name = ""           # "" = the workdir's name
+    c.log.wandb_mode = ""           # "" = WANDB_MODE or W&B's default; "online", "offline" (no network) or "disabled"
 
     # --- the reward judge (rubric from python -m arr_jax.induce) --------------------------------
     c.judge = judge_config(kind="qwen3_vl", symmetrize="off")

@@ -7,9 +7,11 @@ and the training loop with checkpoints, LoRA export, held-out evaluation and pic
 
 Outputs under ``cfg.workdir``: ``checkpoints/`` (orbax: trained weights, optimiser, RNG,
 iteration, metric history), ``lora/step_<N>.safetensors`` and ``lora/final.safetensors``
-(diffusers / PEFT layout; metadata: rubric sha256, judge, policy, RPO settings), ``run.json``
+(diffusers / PEFT layout; metadata: rubric sha256, judge, policy, RPO settings, the ``rpo.init_lora``
+file it started from), ``run.json``
 (what the run is), ``tensorboard/``, ``eval/eval_<N>.png`` grids, ``reward_and_win_rate.png``,
-``curves.png`` and ``report.json``.
+``curves.png`` and ``report.json``; with ``log.wandb`` the same scalars, grids and final LoRA in a
+Weights & Biases run under ``wandb/`` (`arr_jax.rpo.wandb_log`).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class RPORun:
     eval_prompts: list[PromptItem]
     workdir: Path
     resume_changes: list = dataclasses.field(default_factory=list)  # deliberate input changes on resume
+    init_lora: dict | None = None   # rpo.init_lora: the file the adapters started from (path, sha256, rank, alpha)
 
     @property
     def is_writer(self) -> bool:
@@ -154,9 +157,16 @@ def _describe(rules) -> str:
 def build_run(cfg) -> RPORun:
     """Read the prompts first (bad files fail before anything is built), then the policy,
     the judge and the evaluator, and the trainer over them."""
+    from arr_jax.rpo.wandb_log import check_wandb
+
+    check_wandb(cfg)            # config.log.wandb without the package fails before anything loads
     workdir = Path(cfg.workdir)
     train_prompts = build_prompts(cfg, "train")
     eval_prompts = build_prompts(cfg, "eval") if cfg.rpo.get("eval_every", 0) else []
+    if cfg.rpo.get("init_lora", ""):  # a missing file or a wrong rank fails before any weight loads
+        from arr_jax.rpo.init_lora import read_init_lora
+
+        read_init_lora(cfg.rpo.init_lora, cfg.rpo)
     rules, judge_rules = mesh_rules(cfg)
     if jax.process_index() == 0:
         print(f"mesh: policy {_describe(rules)}, judge {_describe(judge_rules)}; {jax.process_count()} process(es), "
@@ -170,12 +180,24 @@ def build_run(cfg) -> RPORun:
         raise ValueError(f"judge.kind {cfg.judge.kind!r} cannot judge edits: use 'qwen3_vl' or 'api' with the "
                          f"{cfg.kind} policy")
     evaluator = build_evaluator(cfg, judge, eval_prompts, workdir, judge_rules)
+    init, reference = None, "base"
+    if cfg.rpo.get("init_lora", ""):
+        from arr_jax.rpo.init_lora import REFERENCES, load_init_lora
+
+        reference = cfg.rpo.get("init_lora_reference", "init")
+        if reference not in REFERENCES:
+            raise ValueError(f"bad config value rpo.init_lora_reference: {reference!r} is not one of {REFERENCES}")
+        if policy.export_lora is None and not cfg.rpo.get("full_finetune", False):
+            raise ValueError(f"bad config value rpo.init_lora: the {cfg.kind} policy has no diffusers / PEFT LoRA "
+                             "layout to start from; pass --config.rpo.init_lora=''")
+        with stage(f"loading the initial LoRA {cfg.rpo.init_lora}"):
+            init = {**load_init_lora(policy.model, cfg.rpo.init_lora, cfg.rpo), "reference": reference}
     trainer = RPOTrainer(policy, judge, rpo_settings(cfg.rpo), rules=rules, seed=cfg.seed,
                          trainable="full" if cfg.rpo.get("full_finetune", False) else "lora",
                          order_check_pairs=cfg.judge.get("order_check_pairs", 4),
-                         order_flip_warn=cfg.judge.get("order_flip_warn", 0.3))
+                         order_flip_warn=cfg.judge.get("order_flip_warn", 0.3), reference=reference)
     return RPORun(cfg=cfg, policy=policy, trainer=trainer, judge=judge, evaluator=evaluator,
-                  train_prompts=train_prompts, eval_prompts=eval_prompts, workdir=workdir)
+                  train_prompts=train_prompts, eval_prompts=eval_prompts, workdir=workdir, init_lora=init)
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -186,14 +208,18 @@ def run_metadata(run: RPORun) -> dict:
     return {"policy": run.policy.identity, "judge": run.judge.identity,
             "rubric_sha256": run.judge.rubric_sha256, "rubric_path": run.judge.identity.get("rubric_path"),
             "rpo": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.to_dict().items()},
-            "prompts_sha256": prompts_sha256(run.train_prompts), "resume_changes": list(run.resume_changes)}
+            "prompts_sha256": prompts_sha256(run.train_prompts), "resume_changes": list(run.resume_changes),
+            "init_lora": run.init_lora}
 
 
 def _signature(run: RPORun) -> dict:
     r = run.cfg.rpo
-    return {"policy": run.policy.identity, "rubric_sha256": run.judge.rubric_sha256,
-            "lora": {"rank": r.lora_rank, "alpha": r.lora_alpha, "targets": list(r.lora_targets),
-                     "full_finetune": bool(r.get("full_finetune", False))}}
+    sig = {"policy": run.policy.identity, "rubric_sha256": run.judge.rubric_sha256,
+           "lora": {"rank": r.lora_rank, "alpha": r.lora_alpha, "targets": list(r.lora_targets),
+                    "full_finetune": bool(r.get("full_finetune", False))}}
+    if run.trainer.mode == "lora" and run.trainer.reference == "init":  # the checkpoint also holds the reference
+        sig["lora"]["reference"] = "init"
+    return sig
 
 
 def _check_rubric(ckpt, run: RPORun) -> None:
@@ -227,6 +253,9 @@ def resume_signature(run: RPORun) -> dict:
     r = run.cfg.rpo
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(r.to_dict().items())
                 if k not in _NOT_OBJECTIVE}
+    if not settings.get("init_lora"):  # unset: the signature of runs from before rpo.init_lora existed
+        settings.pop("init_lora", None)
+        settings.pop("init_lora_reference", None)
     return json.loads(json.dumps({
         "prompts": {"sha256": prompts_sha256(run.train_prompts), "count": len(run.train_prompts),
                     "file": run.cfg.get("prompts_file", "") or None},
@@ -344,7 +373,11 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
     if run.policy.precompute is not None:
         with stage(f"encoding {len(run.train_prompts) + len(run.eval_prompts)} prompts (training and held-out)"):
             run.policy.precompute(run.train_prompts + run.eval_prompts)
-    writer = SummaryWriter(str(work / "tensorboard")) if run.is_writer else None
+    writer = None
+    if run.is_writer:  # TensorBoard, and Weights & Biases with config.log.wandb (the same scalars and grids)
+        from arr_jax.rpo.wandb_log import RunWriter, start_wandb
+
+        writer = RunWriter(SummaryWriter(str(work / "tensorboard")), start_wandb(cfg, work, meta))
     keep_best = bool(r.get("keep_best", False)) and run.evaluator is not None
     best_ckpt = Checkpointer((work / "best").absolute(), max_to_keep=1, model_signature=signature)
     best = {"iteration": -1, "score": -1.0}
@@ -403,6 +436,8 @@ def train(run: RPORun, *, progress: bool = True) -> list[dict]:
             history[-1] = {**history[-1], "best_iteration": best["iteration"], "best_score": best["score"]}
     final = export_lora(run, "final", trainer.iteration)
     if writer is not None:
+        writer.log_lora(final, json.loads(json.dumps({**run_metadata(run), "iteration": trainer.iteration},
+                                                     default=str)))
         writer.flush()
         writer.close()
     if run.is_writer and history:

@@ -183,11 +183,15 @@ class RPOTrainer:
       order_check_pairs: pairs per iteration (per process) that a one-order judge also judges in the
                  swapped order, to measure its order-flip rate (`order_check`); 0 turns it off.
       order_flip_warn: the run's order-flip rate above which one warning names ``judge.symmetrize``.
+      reference: the reference policy (KL anchor, held-out baseline) of LoRA training: "base" (LoRA off:
+                 zeroed adapters, no second copy of the base) or "init" (the adapters the model holds at
+                 construction, e.g. loaded from ``rpo.init_lora``; saved in `state_dict`). Full
+                 fine-tuning always anchors on its initial weights.
     """
 
     def __init__(self, policy: Policy, judge, settings: RPOSettings, *, trainable: str | None = None,
                  rules: ShardingRules | None = None, seed: int = 0, order_check_pairs: int = 4,
-                 order_flip_warn: float = 0.3):
+                 order_flip_warn: float = 0.3, reference: str = "base"):
         from arr_jax.judge.reward import as_rubric_judge
         from arr_jax.nn.lora import LoRAParam
 
@@ -220,6 +224,9 @@ class RPOTrainer:
         if trainable == "lora" and not has_lora:
             raise ValueError("trainable='lora' but the model has no LoRA adapters (set a LoRAConfig)")
         self.mode = "lora" if (trainable is None and has_lora) or trainable == "lora" else "full"
+        if reference not in ("base", "init"):
+            raise ValueError(f"reference must be 'base' or 'init', got {reference!r}")
+        self.reference = "init" if self.mode == "full" else reference
         self._filter = LoRAParam if self.mode == "lora" else nnx.Param
         self.graphdef, tr, fr = nnx.split(model, self._filter, ...)
         if rules is not None and rules.mesh is not None:
@@ -228,7 +235,7 @@ class RPOTrainer:
             nnx.update(model, tr, fr)
         self.frozen = fr
         # Reference policy: LoRA off (zeroed adapters, no second copy of the base) or the initial weights.
-        self.ref_trainable = (jax.tree.map(jnp.zeros_like, tr) if self.mode == "lora"
+        self.ref_trainable = (jax.tree.map(jnp.zeros_like, tr) if self.reference == "base"
                               else jax.tree.map(jnp.copy, tr))
         # The jitted programs: built by `build_programs`, which `arr_jax.preflight` compiles for pods too.
         self.programs, self._decode = build_programs(self.graphdef, policy, settings, rules)
@@ -324,7 +331,7 @@ class RPOTrainer:
         """Everything resume needs: trained weights, optimiser, RNG key, iteration (= data position)."""
         d = {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self._replicated(self.key),
              "iteration": self._replicated(jnp.asarray(self.iteration, jnp.int32))}
-        if self.mode == "full":
+        if self.reference == "init":  # full fine-tuning, or LoRA from rpo.init_lora anchored on it
             d["reference"] = self.ref_trainable
         return d
 
@@ -678,8 +685,8 @@ class RPOTrainer:
                  sampler: str = "sde", sigmas=None) -> np.ndarray:
         """One image per (prompt, seed): uint8 (len(local_indices(n)), H, W, 3): this process's items.
 
-        The noise depends only on the seed, so the current and the reference (LoRA off) policy
-        are compared on identical noise. ``sampler``: "sde" (the rollout sampler; its step noise
+        The noise depends only on the seed, so the current and the reference policy (LoRA off, or
+        the initial LoRA with ``reference="init"``) are compared on identical noise. ``sampler``: "sde" (the rollout sampler; its step noise
         also fixed by the first seed of each chunk) or "ode" (deterministic Euler). ``sigmas``
         (T'+1,) default to the rollout's. Every process must call it with the same arguments.
         """
