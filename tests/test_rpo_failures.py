@@ -111,13 +111,13 @@ def test_judge_that_never_parses_stops_the_run(run, capsys):
     run.judge.judge.backend = _Backend(prose=True)
     run.cfg.rpo.iterations = 2
     run.cfg.judge.max_failure_fraction = 0.1
-    with pytest.raises(RuntimeError, match=r"iteration 1: the judge failed on 4 of 4 pairs .*no_json"):
+    with pytest.raises(RuntimeError, match=r"iteration 2: the judge failed on 4 of 4 pairs .*no_json"):
         train(run, progress=False)
     run.cfg.rpo.iterations = 3
     run.cfg.judge.max_failure_fraction = 1.0
     hist = train(run, progress=False)
     assert hist[-1]["judge_failures/no_json"] == 4.0 and hist[-1]["decisive_rate"] == 0.0
-    assert "iteration 2: no decisive pair" in capsys.readouterr().out
+    assert "iteration 3: no decisive pair" in capsys.readouterr().out  # iterations count from 1
 
 
 def test_b14_resume_with_changed_prompts_or_objective_is_refused_then_recorded(run, capsys):
