@@ -44,6 +44,7 @@ TEST = [
     # tests/test_preflight.py: libtpu's compiler AOT-compiles for TPU topologies on this CPU machine (the version
     # jax[tpu]==0.10.2 pins; ~700 MB). A default install (no extra) never pulls it.
     "libtpu==0.0.42.1",
+    "wandb==0.31.0",         # tests/test_wandb_log.py: config.log.wandb in offline mode (the [wandb] extra)
 ]
 
 setup(
