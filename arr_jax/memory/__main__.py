@@ -14,6 +14,13 @@ def main(argv) -> None:
                                 judge_plan, judge_workload, parse_topologies, plan)
 
     f = flags.FLAGS
+    if f.compiled:  # the plan checked against libtpu's compiled figures (python -m arr_jax.preflight --json)
+        from arr_jax.preflight import format_plan_check
+
+        for path in filter(None, f.compiled.split(",")):
+            with open(path) as fh:
+                print(format_plan_check(json.load(fh)))
+        return
     topologies = parse_topologies(f.topologies)
     names = [m.strip() for m in f.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in WORKLOADS]
@@ -71,6 +78,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("judge_answer_tokens", JudgeWorkload.answer_tokens, "answer tokens the KV cache holds "
                          "(judge.qwen3_vl.max_new_tokens)")
     flags.DEFINE_string("json", "", "also write the rows here")
+    flags.DEFINE_string("compiled", "", "comma-separated preflight reports (python -m arr_jax.preflight --json=F): "
+                        "print each analytic row beside the TPU compiler's figure instead of the plan")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ TEXT_DESC = "T5-XXL + CLIP"
 DIT_LABEL = "FLUX"
 WIDTHS = "FLUX 3072, T5 4096"      # widths a policy mesh must divide to shard them
 RELEASE = "flux.release_text_encoders"
+# float32 feature maps of (H, W, top channels) the VAE decode holds per image, from libtpu's compiled decode:
+# 5.14 GiB per device for 4 images of 512² (`python -m arr_jax.preflight --config configs/flux_dev_t2i.py --topology=v5p-8`); the earlier analytic guess of 4 maps was 2.4x too low.
+VAE_DECODE_MAPS = 10.3
 JUDGE_IMAGES = 2                   # a pairwise T2I prompt shows image 1 and image 2
 
 

@@ -104,8 +104,9 @@ def activation_bytes(wl: Workload, fc, mesh_shape: dict[str, int], vae_channels:
         update = n_blocks * b * s * d * a + 2 * max(double, single)
     else:
         update = fc.num_layers * double + n_single * single + max(double, single)
-    # Rollout: one block's forward; the VAE decode holds ~4 full-resolution feature maps per sample.
-    vae = b * wl.height * wl.width * vae_channels * 4 * 4
+    # Rollout: one block's forward; the VAE decode holds the family's measured number of float32
+    # full-resolution feature maps per sample (`VAE_DECODE_MAPS`, from the compiled decode).
+    vae = b * wl.height * wl.width * vae_channels * FAMILIES[wl.model].VAE_DECODE_MAPS * 4
     rollout = max(max(double, single), vae)
     # The stored rollout batch the update reads: latents (T+1), text embeddings, sharded by batch.
     samples = 2 * wl.pairs

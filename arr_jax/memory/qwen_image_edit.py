@@ -28,6 +28,9 @@ TEXT_DESC = "Qwen2.5-VL-7B"
 DIT_LABEL = "Qwen-Image"
 WIDTHS = "Qwen-Image 3072, Qwen2.5-VL 3584"
 RELEASE = "qwen.release_text_encoder"
+# float32 feature maps of (H, W, top channels) the VAE decode holds per image, from libtpu's compiled decode:
+# 1.24 GiB per device for 2 images of 512² (`python -m arr_jax.preflight --config configs/qwen_image_edit.py --topology=v6e-8`).
+VAE_DECODE_MAPS = 6.6
 JUDGE_IMAGES = 3                   # a pairwise editing prompt shows Image BASE (the source), 1 and 2
 
 # `Workload` fields of the editing column (rpo.* and qwen.text_len of configs/qwen_image_edit.py).

@@ -20,9 +20,11 @@ program's temporaries and its outputs beyond the donated ones: the **peak**, aga
 HBM (``fits``); the analytic plan's figure (`arr_jax.memory`) beside it; and the roofline bound on one
 iteration's seconds (each program times its calls) and on images per chip per second.
 
-A roofline time is a lower bound (the chip at its peak FLOP/s or HBM bandwidth, whichever binds), not
-a measurement; its HBM bytes are XLA's (a loop body counted once) scaled by the FLOPs' trip-count
-factor, an estimate.
+A roofline time is a lower bound, not a measurement: ``max(FLOPs / peak, bytes / bandwidth)`` with the
+exact FLOPs (loop trip counts included) and XLA's bytes (each loop body counted once, an under-count).
+The reported ``bytes_accessed`` scales XLA's bytes by the FLOPs' trip-count factor: an estimate, which
+can overstate (a scanned layer's weights are read once per trip), so it stays out of the bound. The
+logp_old recompute (the update program run forward only) is costed as one more reference pass.
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ def preflight(cfg, topology: str, *, progress: Callable[[str], None] = print,
     abstract = abstract_policy(cfg, policy_rules)
     trainable = "full" if cfg.rpo.get("full_finetune", False) else "lora"
     pol = policy_programs(abstract, settings, policy_rules, trainable=trainable)
-    programs = {k: (*v, "policy") for k, v in pol.programs.items()}
+    n_pol = policy_rules.mesh.size
+    programs = {k: (*v, "policy", n_pol) for k, v in pol.programs.items()}
     resident = {"policy": dict(pol.resident), "judge": {}}
     judge_src = ""
     if cfg.judge.kind == "qwen3_vl":
@@ -127,16 +130,18 @@ def preflight(cfg, topology: str, *, progress: Callable[[str], None] = print,
         jp, jres, judge_src = judge_programs(cfg.judge, jrules, pairs=settings.pairs_per_batch, images=images,
                                              height=cfg.rpo.height, width=cfg.rpo.width,
                                              text_tokens=int(cfg.get("preflight_judge_text_tokens", 1536)))
-        where = "policy" if jrules is policy_rules else "judge"
-        programs.update({k: (*v, where) for k, v in jp.items()})
+        # "judge" devices are the judge's own (judge.mesh = N: a sub-mesh); a judge on the policy's devices,
+        # all of them or (several hosts) each host's, adds its weights and programs to those devices
+        ids = lambda r: {d.id for d in r.mesh.devices.flat}  # noqa: E731
+        where = "judge" if not ids(jrules) & ids(policy_rules) else "policy"
+        programs.update({k: (*v, where, jrules.mesh.size) for k, v in jp.items()})
         resident[where].update(jres)
     if only:
         programs = {k: v for k, v in programs.items() if k in only}
-    n_dev = {"policy": policy_rules.mesh.size, "judge": (judge_rules or policy_rules).mesh.size}
     reports: dict[str, ProgramReport] = {}
-    for i, (name, (fn, args, calls, where)) in enumerate(programs.items()):
-        progress(f"[{i + 1}/{len(programs)}] compiling {name} for {topology} ({n_dev[where]} devices) ...")
-        rep = compile_program(name, fn, args, calls=calls, placement=where, num_devices=n_dev[where],
+    for i, (name, (fn, args, calls, where, n_dev)) in enumerate(programs.items()):
+        progress(f"[{i + 1}/{len(programs)}] compiling {name} for {topology} ({n_dev} devices) ...")
+        rep = compile_program(name, fn, args, calls=calls, placement=where, num_devices=n_dev,
                               peak_flops=sl.peak_flops_per_device, hbm_bytes_per_s=sl.hbm_bytes_per_s_per_device)
         reports[name] = rep
         progress(f"    {name}: " + (f"FAILED: {rep.error[:200]}" if rep.error else
@@ -169,10 +174,13 @@ def summarise(cfg, topology, sl, reports, resident, abstract, policy_rules, judg
         p = peaks[where]
         breaking = (f"{where} devices: resident {p['resident_bytes'] / GiB:.2f} GiB + {p['largest_program']} "
                     f"{p['program_bytes'] / GiB:.2f} GiB = {p['peak_bytes'] / GiB:.2f} GiB > HBM {hbm / GiB:.2f} GiB")
+    pol_res = sum(v for k, v in res_bytes["policy"].items() if k != "judge")
+    pol_prog = max((r.temp_bytes + max(r.output_bytes - r.alias_bytes, 0.0) for r in reports.values()
+                    if not r.error and not r.name.startswith("judge")), default=0.0)
     it_s = sum(r.roofline_s * r.calls for r in reports.values() if not r.error and r.calls)
     images = 2 * cfg.rpo.pairs_per_batch
     analytic = analytic_peak(cfg, abstract, sl, policy_rules)
-    return {
+    rep = {
         "topology": topology, "layout": sl.layout, "device_kind": sl.device_kind, "devices": sl.num_devices,
         "chips": sl.chips, "config": cfg.get("_config_path", ""), "kind": cfg.kind,
         "policy_mesh": dict(policy_rules.mesh.shape),
@@ -181,10 +189,45 @@ def summarise(cfg, topology, sl, reports, resident, abstract, policy_rules, judg
         "programs": {k: r.as_dict() for k, r in reports.items()},
         "resident_bytes_per_device": res_bytes, "peaks": peaks,
         "peak_bytes_per_device": peak, "hbm_bytes_per_device": hbm, "fits": fits, "breaks": breaking,
+        "policy_peak_bytes_per_device": pol_res + pol_prog,
         "analytic_peak_bytes_per_device": None if analytic is None else analytic["total"], "analytic": analytic,
         "iteration_roofline_s": it_s,
         "images_per_chip_per_s_bound": images / it_s / sl.chips if it_s > 0 and not failed else None,
     }
+    rep["plan_check"] = compare_to_plan(rep)
+    return rep
+
+
+def compare_to_plan(rep: dict, tolerance: float = 0.25) -> list[dict]:
+    """The analytic memory plan's rows against the compiled figures of a preflight report ``rep``:
+    the update's activations (update temporaries), the rollout's (the larger of the rollout's and the
+    decode's temporaries) and the policy's total (its resident state + largest program, judge left out,
+    as the plan's policy table does). ``ok`` is False where they differ by more than ``tolerance``."""
+    a, p = rep.get("analytic"), rep["programs"]
+    if not a:
+        return []
+    temp = lambda n: p[n]["temp_bytes"] if n in p and not p[n]["error"] else None  # noqa: E731
+    rows = [("update activations", a["act_update"], temp("update")),
+            ("rollout activations", a["act_rollout"],
+             max((t for t in (temp("rollout"), temp("decode")) if t is not None), default=None)),
+            ("policy total", a["total"], rep["policy_peak_bytes_per_device"])]
+    out = []
+    for name, analytic, compiled in rows:
+        if compiled is None:
+            continue
+        rel = (analytic - compiled) / compiled if compiled else math.inf
+        out.append({"row": name, "analytic_bytes": analytic, "compiled_bytes": compiled, "relative": rel,
+                    "ok": abs(rel) <= tolerance})
+    return out
+
+
+def format_plan_check(rep: dict) -> str:
+    """`compare_to_plan` as lines (GiB per device)."""
+    lines = [f"analytic plan vs compiled ({rep['kind']} on {rep['topology']}, GiB per device):"]
+    for r in rep.get("plan_check") or compare_to_plan(rep):
+        lines.append(f"  {r['row']:<21}{r['analytic_bytes'] / GiB:8.2f} analytic {r['compiled_bytes'] / GiB:8.2f} compiled "
+                     f"{r['relative']:+7.0%}  {'ok' if r['ok'] else 'OFF by more than 25%'}")
+    return "\n".join(lines)
 
 
 def format_report(rep: dict) -> str:
@@ -210,11 +253,13 @@ def format_report(rep: dict) -> str:
     lines.append(f"peak {rep['peak_bytes_per_device'] / GiB:.2f} GiB of {rep['hbm_bytes_per_device'] / GiB:.2f} GiB: "
                  + ("fits" if rep["fits"] else f"DOES NOT FIT ({rep['breaks']})")
                  + (f"; the analytic plan says {a / GiB:.2f} GiB" if a else ""))
+    if rep.get("analytic"):
+        lines.append(format_plan_check(rep))
     if rep["images_per_chip_per_s_bound"]:
         lines.append(f"roofline bound: {rep['iteration_roofline_s']:.2f} s per iteration, "
                      f"{rep['images_per_chip_per_s_bound']:.3f} images per chip per second (a bound, not a measurement)")
     return "\n".join(lines)
 
 
-__all__ = ["COLAB", "ProgramReport", "Slice", "TOPOLOGIES", "TopologyError", "abstract_policy", "format_report",
-           "preflight", "tpu_slice", "workload_of"]
+__all__ = ["COLAB", "ProgramReport", "Slice", "TOPOLOGIES", "TopologyError", "abstract_policy", "compare_to_plan",
+           "format_plan_check", "format_report", "preflight", "tpu_slice", "workload_of"]
