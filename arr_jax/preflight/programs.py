@@ -109,6 +109,10 @@ def policy_programs(abstract, settings, rules, *, trainable: str = "lora") -> Po
     def cond(*lead, axis):
         return jax.tree.map(lambda c: batch_spec(rules, lead + tuple(c.shape), c.dtype, axis), abstract.cond)
 
+    # The logp_old recompute runs the update program forward only: the same work as a reference pass over
+    # every micro-batch, so it is costed as M more reference calls (not as an update with its backward).
+    update_calls = s.ppo_epochs * math.ceil(K / chunk)
+    ref_calls = M * (1 + int(s.recompute_logp_old))
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = _spec(key.shape, key.dtype, rep)
     sigmas = _spec((T + 1,), jnp.float32, rep)
@@ -123,10 +127,6 @@ def policy_programs(abstract, settings, rules, *, trainable: str = "lora") -> Po
            "logp_ref": batch_spec(rules, (M, K, mb), jnp.float32, 2)}
     if s.kl_type == "gaussian":
         dev["mean_ref"] = batch_spec(rules, (M, K, mb) + lat, jnp.float32, 2)
-    # The logp_old recompute runs the update program forward only: the same work as a reference pass over
-    # every micro-batch, so it is costed as M more reference calls (not as an update with its backward).
-    update_calls = s.ppo_epochs * math.ceil(K / chunk)
-    ref_calls = M * (1 + int(s.recompute_logp_old))
     upd = (programs.train_step, (tr, opt, fr, dev, _spec((chunk,), jnp.int32, rep), _spec((chunk,), jnp.int32, rep),
                                  _spec((), jnp.bool_, rep)), update_calls)
     resident = {"trainable": tr, "reference": tr, "frozen": fr, "optimizer": opt, "decoder": policy.decode_params,
