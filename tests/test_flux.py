@@ -296,7 +296,8 @@ def test_timestep_frequencies_follow_diffusers_exponent_and_round_once(monkeypat
         assert ours.dtype == np.float32 and ours.shape == (half,) and not ours.flags.writeable
         np.testing.assert_array_equal(ours, np.exp(exponent.astype(np.float64)).astype(np.float32))
         ulps = np.abs(ours.view(np.int32).astype(np.int64) - torch_table.view(np.int32))
-        assert ulps.max() <= 1 and (ulps > 0).sum() <= 2, (half, shift, np.flatnonzero(ulps))
+        # torch's vectorised float32 exp is off by one ulp in a few entries (2 or 3 of 128, by CPU kernel)
+        assert ulps.max() <= 1 and (ulps > 0).sum() <= 4, (half, shift, np.flatnonzero(ulps))
         monkeypatch.undo()
 
 

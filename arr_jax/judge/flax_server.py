@@ -24,7 +24,6 @@ production server (use ``launch/serve_judge.sh``).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import queue
 import threading
@@ -33,7 +32,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from arr_jax.judge.decode import left_pad
 from arr_jax.models.qwen3_vl import prepare_inputs
@@ -47,7 +45,9 @@ def decode_data_url(url: str) -> np.ndarray:
     """``data:image/...;base64,...`` -> uint8 (H, W, 3). ValueError for anything else."""
     if not isinstance(url, str) or not url.startswith("data:image/") or "," not in url:
         raise ValueError(f"only inline data:image URLs are served here, got {str(url)[:40]!r}")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+    from arr_jax.data.images import to_rgb_uint8
+
+    return to_rgb_uint8(base64.b64decode(url.split(",", 1)[1]), name="a request's image")
 
 
 class FlaxChatServer:
