@@ -144,7 +144,8 @@ def test_flux_t2i_with_the_flax_judge_and_a_rubric(files, tmp_path):
 
 def _api_judge(files, server, tmp_path):
     return ["--config.judge.kind=api", "--config.judge.model=fake-judge", f"--config.judge.api.endpoint={server.url}",
-            f"--config.judge.api.cache_dir={tmp_path / 'api_cache'}", "--config.judge.api.backoff=0.01"]
+            f"--config.judge.api.cache_dir={tmp_path / 'api_cache'}", "--config.judge.api.backoff=0.01",
+            "--config.judge.order_check_pairs=0"]  # the order-flip check's extra requests: tests/test_user_path.py
 
 
 def _requests(server):
@@ -271,7 +272,7 @@ def test_kontext_edits_carry_the_source_as_image_base(files, tmp_path):
     args = [f"--config={ROOT / 'configs' / 'flux_kontext.py'}:tiny", f"--config.model_dir={files['kontext']}",
             f"--config.prompts_file={e / 'train.jsonl'}", f"--config.eval.prompts_file={e / 'heldout.jsonl'}",
             f"--config.judge.rubric={files['rubric']}", f"--config.workdir={w}", "--config.rpo.iterations=2",
-            "--config.rpo.eval_every=2"]
+            "--config.rpo.eval_every=1"]
     with _choice_server() as server:
         _ok(_run("arr_jax.train", args + _api_judge(files, server, tmp_path), cwd=tmp_path))
     report = json.loads((w / "report.json").read_text())
@@ -280,8 +281,7 @@ def test_kontext_edits_carry_the_source_as_image_base(files, tmp_path):
     items = read_prompt_file(e / "train.jsonl", source_size=(32, 32), require_sources=True)
     raw = [np.asarray(Image.open(e / "images" / f"s{i}.png")) for i in range(len(PROMPTS))]
     reqs = _choice_requests(server, 3)
-    # in turn: iteration 1 (4 pairs), its evaluation (eval_every=2: iteration 0 and the last; 2 held-out
-    # edits x 2 orders), iteration 2, its evaluation
+    # in turn: iteration 1 (4 pairs), its evaluation (2 held-out edits x 2 orders), iteration 2, its evaluation
     assert len(reqs) == 2 * 4 + 2 * 2 * 2
     seen = set()
     for text, (base, one, two) in reqs:
