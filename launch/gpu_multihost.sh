@@ -10,7 +10,7 @@
 # Outside Slurm (and Open MPI), set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
 # and JAX_PROCESS_ID on every host instead. On one machine, run the command without this script.
 set -euo pipefail
-usage="launch/gpu_multihost.sh COMMAND...: run it under Slurm (srun --nodes=N --ntasks-per-node=1 launch/gpu_multihost.sh python -m arr_jax.train --config ...), or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host; on one machine run the command without this script"
+usage="launch/gpu_multihost.sh COMMAND...: run it under Slurm (srun --nodes=N --ntasks-per-node=1 launch/gpu_multihost.sh python -m arr_jax.train FLAGS), or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host; on one machine run the command without this script"
 if [ $# -eq 0 ]; then
   echo "error: no command given. $usage" >&2
   exit 2

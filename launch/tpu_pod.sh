@@ -8,7 +8,7 @@
 # arr_jax.distributed_init() calls jax.distributed.initialize() when more than one process runs.
 set -euo pipefail
 if [ $# -ne 3 ]; then
-  echo "error: expected 3 arguments, got $#: launch/tpu_pod.sh TPU_NAME ZONE \"python -m arr_jax.train --config ...\" (the command quoted as one argument)" >&2
+  echo "error: expected 3 arguments, got $#: launch/tpu_pod.sh TPU_NAME ZONE \"python -m arr_jax.train FLAGS\" (the command quoted as one argument)" >&2
   exit 2
 fi
 if ! command -v gcloud >/dev/null 2>&1; then
