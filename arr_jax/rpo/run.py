@@ -101,9 +101,9 @@ def mesh_rules(cfg, devices=None):
     """
     from arr_jax.sharding import make_mesh, make_rules
 
+    judge = judge_devices(cfg, devices)  # before the default: None means "this process's view"
     devices = list(jax.devices() if devices is None else devices)
     hosts = len({d.process_index for d in devices})
-    judge = judge_devices(cfg, devices)
     taken = {d.id for d in judge} if int(cfg.get("judge", {}).get("mesh", 0) if "judge" in cfg else 0) > 0 else set()
     if taken and hosts > 1:  # every process gives its last N devices to its judge
         n = len(judge)
