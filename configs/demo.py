@@ -18,6 +18,7 @@ paper's RPO defaults (SPEC §2, `arr_jax.rpo.trainer.RPOSettings`), ``rpo.depart
 import ml_collections
 
 from arr_jax.judge.factory import judge_config
+from arr_jax.rpo.wandb_log import log_config
 
 
 def _induce_world():
@@ -92,12 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.induce.progress = False
 
     # --- logging (TensorBoard always, under workdir/tensorboard) -----------------------------
-    c.log = ml_collections.ConfigDict()
-    c.log.wandb = False             # also Weights & Biases: the same scalars, eval grids, final LoRA (pip install -e ".[wandb]")
-    c.log.wandb_project = "arr_jax"
-    c.log.wandb_entity = ""         # "" = your default entity
-    c.log.wandb_name = ""           # "" = the workdir's name
-    c.log.wandb_mode = ""           # "" = WANDB_MODE or W&B's default; "online", "offline" (no network) or "disabled"
+    c.log = log_config()            # log.wandb: also Weights & Biases (arr_jax.rpo.wandb_log.log_config)
 
     # --- the reward judge ----------------------------------------------------------------
     # The text judge over the world backend checks the criteria the rubric names; both orders,

@@ -18,6 +18,7 @@ steps, guidance 3.5). ``get_config("tiny")`` is a CPU-sized variant for a tiny r
 import ml_collections
 
 from arr_jax.judge.factory import judge_config
+from arr_jax.rpo.wandb_log import log_config
 
 ATTENTION_LORA = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -103,12 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rpo.departures = ()
 
     # --- logging (TensorBoard always, under workdir/tensorboard) -----------------------------
-    c.log = ml_collections.ConfigDict()
-    c.log.wandb = False             # also Weights & Biases: the same scalars, eval grids, final LoRA (pip install -e ".[wandb]")
-    c.log.wandb_project = "arr_jax"
-    c.log.wandb_entity = ""         # "" = your default entity
-    c.log.wandb_name = ""           # "" = the workdir's name
-    c.log.wandb_mode = ""           # "" = WANDB_MODE or W&B's default; "online", "offline" (no network) or "disabled"
+    c.log = log_config()            # log.wandb: also Weights & Biases (arr_jax.rpo.wandb_log.log_config)
 
     # --- the reward judge (rubric from python -m arr_jax.induce) --------------------------------
     c.judge = judge_config(kind="qwen3_vl", symmetrize="off")

@@ -116,3 +116,15 @@ class RunWriter:
         if self.wb is not None:
             self.wb.finish()
             self.wb = None
+
+
+def log_config():
+    """The ``log`` config section every training config shares: TensorBoard always (``workdir/tensorboard``);
+    ``wandb`` True adds Weights & Biases (the same scalars, eval grids, final LoRA; ``pip install -e ".[wandb]"``)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        wandb=False, wandb_project="arr_jax",
+        wandb_entity="",   # "" = your default entity
+        wandb_name="",     # "" = the workdir's name
+        wandb_mode=""))    # "" = WANDB_MODE or W&B's default; "online", "offline" (no network) or "disabled"
